@@ -1,0 +1,45 @@
+"""Worker hook (see ``EngineSpec.worker_hook``): records the first DFlash step.
+
+Saved to ``$DFLASH_RECORD_PATH``: the captured target features, positions and
+next tokens the runner passed to the proposer, the draft logits the drafter
+computed, and the drafts it returned.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+_record: dict[str, Any] = {}
+
+
+def record_first_step(worker: Any, phase: str) -> str:
+    drafter = worker.model_runner.drafter
+    if phase == "after":
+        torch.save(_record, os.environ["DFLASH_RECORD_PATH"])
+        return type(drafter).__module__
+    propose, logits = drafter.propose, drafter.model.compute_logits
+    calls = {"propose": 0}
+
+    def recording_propose(*args: Any, **kwargs: Any) -> torch.Tensor:
+        first = calls["propose"] == 0
+        if first:
+            for key in ("target_hidden_states", "target_positions", "next_token_ids"):
+                _record[key] = kwargs[key].detach().clone().cpu()
+        out = propose(*args, **kwargs)
+        if first:
+            _record["drafts"] = out.detach().clone().cpu()
+        calls["propose"] += 1
+        return out
+
+    def recording_logits(hidden: torch.Tensor) -> torch.Tensor:
+        out = logits(hidden)
+        if calls["propose"] == 0:
+            _record["logits"] = out.detach().clone().cpu()
+        return out
+
+    drafter.propose = recording_propose
+    drafter.model.compute_logits = recording_logits
+    return type(drafter).__module__

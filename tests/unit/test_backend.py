@@ -1,0 +1,50 @@
+"""The drafter's attention backend is chosen apart from the target's and must
+run non-causal attention."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from vllm_dflash import backend
+from vllm_dflash.config import DFlashConfigError
+
+
+def test_spec_config_backend_wins_over_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VLLM_DFLASH_DRAFT_ATTENTION_BACKEND", "flex_attention")
+    chosen = SimpleNamespace(name="CPU_ATTN")
+    assert (
+        backend.requested_backend(SimpleNamespace(attention_backend=chosen))
+        == "CPU_ATTN"
+    )
+    assert backend.requested_backend(SimpleNamespace(attention_backend=None)) == (
+        "FLEX_ATTENTION"
+    )
+    monkeypatch.delenv("VLLM_DFLASH_DRAFT_ATTENTION_BACKEND")
+    assert backend.requested_backend(SimpleNamespace()) is None
+
+
+def test_non_causal_backends_pass() -> None:
+    backend.check_non_causal("CPU_ATTN")
+    backend.check_non_causal("FLEX_ATTENTION")
+    assert (
+        backend.resolve(SimpleNamespace(attention_backend=None), needs_non_causal=True)
+        is None
+    )
+
+
+@pytest.mark.parametrize("name", ["FLASHMLA", "ROCM_AITER_UNIFIED_ATTN"])
+def test_causal_only_backend_is_refused(name: str) -> None:
+    spec = SimpleNamespace(attention_backend=SimpleNamespace(name=name))
+    with pytest.raises(DFlashConfigError) as info:
+        backend.resolve(spec, needs_non_causal=True)
+    assert info.value.field_name == "speculative_config.attention_backend"
+    assert name in str(info.value) and "FLASH_ATTN" in str(info.value)
+    # A causal-only drafter (every layer causal) may use it.
+    assert backend.resolve(spec, needs_non_causal=False) == name
+
+
+def test_unknown_backend_is_named() -> None:
+    with pytest.raises(DFlashConfigError, match="Known backends"):
+        backend.check_non_causal("NOT_A_BACKEND")

@@ -1,0 +1,69 @@
+"""The drafter's attention backend, chosen independently of the target's.
+
+The reference deployment runs the target on ``TRITON_ATTN`` (vLLM forces it
+for Gemma 4's mixed head sizes) and the drafter on ``FLASH_ATTN``. A DFlash
+block is non-causal, so the drafter's backend must support non-causal
+attention; one that does not is refused at start-up, because running it
+causally would verify fine and silently lose most accepted tokens.
+
+Precedence: ``speculative_config.attention_backend`` (vLLM >= 0.26), then
+``VLLM_DFLASH_DRAFT_ATTENTION_BACKEND``, then vLLM's own choice for the
+drafter (never the target's backend inherited blindly).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vllm_dflash import compat, envs
+from vllm_dflash.config import DFlashConfigError
+
+NON_CAUSAL_BACKENDS_HINT = (
+    "FLASH_ATTN or FLEX_ATTENTION on CUDA (TRITON_ATTN and FLASHINFER from "
+    "vLLM 0.26), CPU_ATTN on CPU"
+)
+
+
+def requested_backend(speculative_config: Any) -> str | None:
+    """The backend name the user asked for, or None for vLLM's default."""
+    chosen = getattr(speculative_config, "attention_backend", None)
+    if chosen is not None:
+        return str(getattr(chosen, "name", chosen)).upper()
+    return envs.draft_attention_backend()
+
+
+def backend_class(name: str) -> type:
+    try:
+        member = compat.AttentionBackendEnum[name]
+    except (KeyError, ValueError) as e:
+        known = ", ".join(m.name for m in compat.AttentionBackendEnum)
+        raise DFlashConfigError(
+            "speculative_config.attention_backend", name, f"Known backends: {known}."
+        ) from e
+    return member.get_class()
+
+
+def check_non_causal(name: str, cls: type | None = None) -> None:
+    """Refuse a drafter backend that cannot attend non-causally."""
+    cls = cls or backend_class(name)
+    supports = getattr(cls, "supports_non_causal", None)
+    if supports is None or not supports():
+        raise DFlashConfigError(
+            "speculative_config.attention_backend",
+            name,
+            "The DFlash block is non-causal and this backend only runs causal "
+            f"attention; choose {NON_CAUSAL_BACKENDS_HINT} (or "
+            "VLLM_DFLASH_DRAFT_ATTENTION_BACKEND on vLLM < 0.26).",
+        )
+
+
+def resolve(speculative_config: Any, *, needs_non_causal: bool) -> str | None:
+    """Validate and return the requested drafter backend (None: vLLM picks)."""
+    name = requested_backend(speculative_config)
+    if name is not None and needs_non_causal:
+        check_non_causal(name)
+    return name
+
+
+def backend_enum(name: str) -> Any:
+    return compat.AttentionBackendEnum[name]

@@ -1,0 +1,145 @@
+"""Every import of a vLLM internal lives here.
+
+Anything beyond vLLM's documented plugin API (``ModelRegistry``, the
+``vllm.general_plugins`` entry point) is imported in this module and nowhere
+else, so a vLLM upgrade touches one file. Shims test for a feature (a class,
+an argument, a dataclass field), never a version string.
+
+This module is heavy (it imports vLLM's layers and spec-decode machinery):
+only the worker process imports it, through ``model`` and ``proposer``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from typing import Any
+
+import torch
+
+# --- configuration and context -------------------------------------------
+from vllm.config import VllmConfig, get_current_vllm_config
+from vllm.forward_context import set_forward_context
+from vllm.logger import init_logger
+
+# --- layers used by the drafter --------------------------------------------
+from vllm.model_executor.layers.activation import GeluAndMul, SiluAndMul
+from vllm.model_executor.layers.attention import Attention
+from vllm.model_executor.layers.attention_layer_base import AttentionLayerBase
+from vllm.model_executor.layers.layernorm import RMSNorm
+from vllm.model_executor.layers.linear import (
+    MergedColumnParallelLinear,
+    QKVParallelLinear,
+    ReplicatedLinear,
+    RowParallelLinear,
+)
+from vllm.model_executor.layers.rotary_embedding import get_rope
+from vllm.model_executor.model_loader.weight_utils import default_weight_loader
+
+# --- attention backends and metadata ---------------------------------------
+from vllm.v1.attention.backend import CommonAttentionMetadata
+from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+# --- spec-decode machinery the proposer builds on (method-agnostic) --------
+from vllm.v1.spec_decode.llm_base_proposer import SpecDecodeBaseProposer
+from vllm.v1.spec_decode.utils import PADDING_SLOT_ID
+
+try:  # vLLM >= 0.26 spells the compile decorator's module like this
+    from vllm.compilation.decorators import support_torch_compile
+except ImportError:  # pragma: no cover - every supported release has it
+    support_torch_compile = None  # type: ignore[assignment]
+
+try:
+    from vllm.config import get_layers_from_vllm_config
+except ImportError:  # pragma: no cover
+    from vllm.config.vllm import get_layers_from_vllm_config  # type: ignore
+
+__all__ = [
+    "PADDING_SLOT_ID",
+    "Attention",
+    "AttentionBackendEnum",
+    "AttentionLayerBase",
+    "CommonAttentionMetadata",
+    "GeluAndMul",
+    "MergedColumnParallelLinear",
+    "QKVParallelLinear",
+    "RMSNorm",
+    "ReplicatedLinear",
+    "RowParallelLinear",
+    "SiluAndMul",
+    "SpecDecodeBaseProposer",
+    "VllmConfig",
+    "compile_drafter",
+    "default_weight_loader",
+    "get_current_vllm_config",
+    "get_layers_from_vllm_config",
+    "get_rope",
+    "init_logger",
+    "rope_kwargs",
+    "set_forward_context",
+    "with_block_metadata",
+]
+
+
+def compile_drafter(cls: type) -> type:
+    """Apply vLLM's ``support_torch_compile`` so CUDA graphs can capture the
+    drafter's block forward (vLLM's drafter graphs are piecewise: they need
+    the compiled graph)."""
+    if support_torch_compile is None:  # pragma: no cover
+        return cls
+    # Explicit dims: string annotations hide the tensor types from inference.
+    return support_torch_compile(dynamic_arg_dims={"input_ids": 0, "positions": 0})(cls)
+
+
+def rope_kwargs(hf_config: Any, head_dim: int) -> dict[str, Any]:
+    """Arguments for ``get_rope`` in the spelling the installed vLLM takes.
+
+    vLLM 0.26+ takes ``rope_parameters`` (a dict holding ``rope_theta``);
+    older releases took ``base`` and ``rope_scaling``.
+    """
+    params = dict(getattr(hf_config, "rope_parameters", None) or {})
+    theta = params.get("rope_theta", getattr(hf_config, "rope_theta", None))
+    params.setdefault("rope_type", "default")
+    params["rope_theta"] = 1_000_000.0 if theta is None else float(theta)
+    max_pos = int(getattr(hf_config, "max_position_embeddings", 32768))
+    accepted = inspect.signature(get_rope).parameters
+    if "rope_parameters" in accepted:
+        return dict(head_size=head_dim, max_position=max_pos, rope_parameters=params)
+    return dict(  # pragma: no cover - vLLM < 0.26
+        head_size=head_dim,
+        rotary_dim=head_dim,
+        max_position=max_pos,
+        base=params["rope_theta"],
+        rope_scaling=None,
+    )
+
+
+def with_block_metadata(
+    cad: CommonAttentionMetadata, **changes: Any
+) -> CommonAttentionMetadata:
+    """New attention metadata for a draft block, built from the target's.
+
+    Required fields not in ``changes`` (the block table) are kept; optional
+    ones not in ``changes`` fall back to their defaults, because they describe
+    the target's tokens (CPU mirrors of sequence lengths, prefill flags).
+    Fields in ``changes`` that this release lacks are dropped.
+    """
+    kwargs: dict[str, Any] = {}
+    for f in dataclasses.fields(cad):
+        if not f.init:
+            continue
+        if f.name in changes:
+            kwargs[f.name] = changes[f.name]
+        elif f.default is dataclasses.MISSING and (
+            f.default_factory is dataclasses.MISSING
+        ):
+            kwargs[f.name] = getattr(cad, f.name)
+    return type(cad)(**kwargs)
+
+
+def kv_cache_update(
+    attn: Any, key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    """Write ``key``/``value`` [N, kv_heads, head_dim] into one attention
+    layer's paged KV cache at ``slot_mapping`` [N] (negative slots skipped)."""
+    attn.impl.do_kv_cache_update(attn, key, value, attn.kv_cache, slot_mapping)

@@ -1,0 +1,42 @@
+"""Environment variables read by vllm-dflash, documented in one place.
+
+vLLM's ``SpeculativeConfig`` forbids unknown keys, so options of the plugin
+travel here (or in the drafter's ``config.json``), never in
+``--speculative-config``.
+
+``VLLM_DFLASH_USE_NATIVE``
+    ``1`` leaves vLLM untouched: ``method: "dflash"`` then runs vLLM's own
+    DFlash implementation (vLLM >= 0.20). Default ``0``: the plugin's.
+
+``VLLM_DFLASH_DRAFT_ATTENTION_BACKEND``
+    Attention backend of the drafter only (e.g. ``FLASH_ATTN``), for vLLM
+    releases without ``speculative_config.attention_backend``. Where both are
+    set, the speculative config wins.
+"""
+
+from __future__ import annotations
+
+import os
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"", "0", "false", "no", "off"}
+
+
+def _flag(name: str) -> bool:
+    raw = os.environ.get(name, "").strip().lower()
+    if raw in _TRUE:
+        return True
+    if raw in _FALSE:
+        return False
+    raise ValueError(f"{name}={os.environ[name]!r} is not a boolean; set it to 1 or 0.")
+
+
+def use_native() -> bool:
+    """Whether the user asked for vLLM's native DFlash instead of the plugin."""
+    return _flag("VLLM_DFLASH_USE_NATIVE")
+
+
+def draft_attention_backend() -> str | None:
+    """The drafter's attention backend chosen through the environment."""
+    value = os.environ.get("VLLM_DFLASH_DRAFT_ATTENTION_BACKEND", "").strip()
+    return value.upper() or None

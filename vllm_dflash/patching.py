@@ -1,0 +1,92 @@
+"""Runtime patches of vLLM, each with its ledger entry.
+
+Patches are applied when the patched module is imported (or at once if it
+already is), so the API-server process, which never builds a model runner,
+never imports runner code on the plugin's behalf.
+"""
+
+from __future__ import annotations
+
+import importlib.abc
+import importlib.machinery
+import importlib.util
+import sys
+import threading
+from collections.abc import Callable
+from types import ModuleType
+
+_lock = threading.Lock()
+_applied: set[str] = set()
+
+V1_RUNNER = "vllm.v1.worker.gpu_model_runner"
+
+
+def patch_v1_runner_proposer(module: ModuleType) -> None:
+    """Ledger entry: V1 runner builds the plugin's proposer.
+
+    Target:   ``vllm.v1.worker.gpu_model_runner.DFlashProposer`` (module global).
+    Why:      the V1 runner constructs its drafter with
+              ``DFlashProposer(vllm_config, device, runner)`` and tests it with
+              ``isinstance`` against the same global; vLLM has no registry for
+              proposers, so rebinding the name is the only plugin-side hook.
+    How:      rebind the global to ``vllm_dflash.proposer.DFlashProposer``
+              (not a subclass of vLLM's native DFlash proposer).
+    Upstream: none yet; the change needed is a proposer registry keyed by
+              ``speculative_config.method`` that plugins can fill.
+    Remove:   when vLLM resolves proposers through a registry plugins can fill.
+    """
+    from vllm_dflash.proposer import DFlashProposer
+
+    module.DFlashProposer = DFlashProposer  # type: ignore[attr-defined]
+
+
+class _PatchingLoader(importlib.abc.Loader):
+    def __init__(
+        self, inner: importlib.abc.Loader, patch: Callable[[ModuleType], None]
+    ):
+        self._inner = inner
+        self._patch = patch
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType | None:
+        return self._inner.create_module(spec)
+
+    def exec_module(self, module: ModuleType) -> None:
+        self._inner.exec_module(module)
+        self._patch(module)
+
+
+class _PatchOnImport(importlib.abc.MetaPathFinder):
+    def __init__(self, name: str, patch: Callable[[ModuleType], None]):
+        self.name = name
+        self.patch = patch
+        self._resolving = False
+
+    def find_spec(self, fullname, path, target=None):  # type: ignore[no-untyped-def]
+        if fullname != self.name or self._resolving:
+            return None
+        self._resolving = True
+        try:
+            spec = importlib.util.find_spec(fullname)
+        finally:
+            self._resolving = False
+        if spec is None or spec.loader is None:
+            return None
+        spec.loader = _PatchingLoader(spec.loader, self.patch)
+        return spec
+
+
+def apply_on_import(name: str, patch: Callable[[ModuleType], None]) -> None:
+    """Run ``patch(module)`` once the module ``name`` is imported (idempotent)."""
+    with _lock:
+        if name in _applied:
+            return
+        _applied.add(name)
+        module = sys.modules.get(name)
+        if module is not None:
+            patch(module)
+        else:
+            sys.meta_path.insert(0, _PatchOnImport(name, patch))
+
+
+def applied() -> set[str]:
+    return set(_applied)
