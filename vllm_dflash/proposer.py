@@ -287,6 +287,16 @@ def prepare_draft_config(vllm_config: compat.VllmConfig) -> DFlashDraftConfig:
         target_num_layers=target.get_total_num_hidden_layers(),
         num_speculative_tokens=int(spec.num_speculative_tokens),
     )
+    if len({(layer.causal, layer.sliding_window) for layer in cfg.layers}) > 1:
+        # One attention-metadata group serves every draft layer here, so a
+        # mix would run some layers with the wrong mask: refuse it.
+        raise DFlashConfigError(
+            "layer_types",
+            list(getattr(hf, "layer_types", None) or []),
+            "This drafter mixes sliding/causal and full/non-causal layers, which "
+            "vllm-dflash 0.1 does not run yet (Gemma-4 drafters). Use a drafter "
+            "whose layers all attend alike.",
+        )
     sched = vllm_config.scheduler_config
     validate_token_budget(
         sched.max_num_batched_tokens,
