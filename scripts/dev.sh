@@ -32,8 +32,8 @@ case "${1:-}" in
     ;;
   test)
     setup
-    "$VENV/bin/ruff" format --check vllm_dflash tests examples
-    "$VENV/bin/ruff" check vllm_dflash tests examples
+    "$VENV/bin/ruff" format --check vllm_dflash tests examples scripts
+    "$VENV/bin/ruff" check vllm_dflash tests examples scripts
     "$VENV/bin/mypy"
     "$PY" -m pytest tests -q "${@:2}"
     ;;

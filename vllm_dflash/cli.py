@@ -1,4 +1,4 @@
-"""``vllm-dflash`` command line: ``demo``.
+"""``vllm-dflash`` command line: ``demo`` and ``bench`` (see ``bench.py``).
 
 ``vllm-dflash demo`` builds a tiny random target and drafter in a temporary
 folder (no downloads), runs vLLM on the same prompts without speculation and
@@ -19,6 +19,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from vllm_dflash import __version__, tiny
+from vllm_dflash.bench import add_arguments as add_bench_arguments
+from vllm_dflash.bench import bench_command
 from vllm_dflash.engine import EngineResult, EngineSpec, run
 
 
@@ -94,6 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--num-prompts", type=int, default=8)
     demo.add_argument("--max-tokens", type=int, default=64)
     demo.set_defaults(func=_demo)
+    bench = sub.add_parser(
+        "bench", help="none vs native DFlash vs plugin, side by side (JSON + PNG)"
+    )
+    add_bench_arguments(bench)
+    bench.set_defaults(func=bench_command)
     return parser
 
 

@@ -107,7 +107,7 @@ def run_in_process(spec: EngineSpec) -> EngineResult:
         dtype=spec.dtype,
         skip_tokenizer_init=True,
         enforce_eager=True,
-        gpu_memory_utilization=0.3,
+        gpu_memory_utilization=0.15,
         max_model_len=1024,
         max_num_seqs=16,
         seed=spec.seed,

@@ -249,6 +249,14 @@ class DFlashDraftModel(nn.Module):
 
     def __init__(self, *, vllm_config: compat.VllmConfig, prefix: str = "") -> None:
         super().__init__()
+        if getattr(vllm_config, "use_v2_model_runner", False):
+            raise DFlashConfigError(
+                "VLLM_USE_V2_MODEL_RUNNER",
+                "1",
+                "vllm-dflash drives vLLM's V1 model runner; unset it or set "
+                "VLLM_USE_V2_MODEL_RUNNER=0 (or VLLM_DFLASH_USE_NATIVE=1 for "
+                "vLLM's native DFlash on V2).",
+            )
         self.dflash_config = draft_config_of(vllm_config)
         cfg = self.dflash_config
         self.model = DFlashBody(

@@ -19,6 +19,7 @@ _lock = threading.Lock()
 _applied: set[str] = set()
 
 V1_RUNNER = "vllm.v1.worker.gpu_model_runner"
+VLLM_CONFIG = "vllm.config.vllm"
 
 
 def patch_v1_runner_proposer(module: ModuleType) -> None:
@@ -38,6 +39,43 @@ def patch_v1_runner_proposer(module: ModuleType) -> None:
     from vllm_dflash.proposer import DFlashProposer
 
     module.DFlashProposer = DFlashProposer  # type: ignore[attr-defined]
+
+
+def patch_runner_choice(module: ModuleType) -> None:
+    """Ledger entry: DFlash requests run on the V1 model runner.
+
+    Target:   ``vllm.config.vllm.VllmConfig.use_v2_model_runner`` (property).
+    Why:      vLLM >= 0.26 picks the V2 runner by default for dense models,
+              and V2 chooses its speculator from a hard-coded switch on the
+              method, so the plugin's proposer would never run there.
+    How:      when the method is "dflash" and the user has not set
+              ``VLLM_USE_V2_MODEL_RUNNER``, answer False (V1); every other
+              configuration gets vLLM's own answer. An explicit ``=1`` is kept
+              and refused at start-up by the drafter with the fix.
+    Upstream: a speculator registry for the V2 runner.
+    Remove:   when the plugin ships its V2 speculator.
+    """
+    import os
+
+    cls = module.VllmConfig
+    original = cls.__dict__.get("use_v2_model_runner")
+    if not isinstance(original, property) or isinstance(original, _RunnerChoice):
+        return
+
+    def use_v2_model_runner(self: object) -> bool:
+        spec = getattr(self, "speculative_config", None)
+        if (
+            getattr(spec, "method", None) == "dflash"
+            and os.environ.get("VLLM_USE_V2_MODEL_RUNNER") is None
+        ):
+            return False
+        return bool(original.fget(self))  # type: ignore[misc]
+
+    cls.use_v2_model_runner = _RunnerChoice(use_v2_model_runner, doc=original.__doc__)
+
+
+class _RunnerChoice(property):
+    """Marks vLLM's runner-choice property as patched by vllm-dflash."""
 
 
 class _PatchingLoader(importlib.abc.Loader):

@@ -26,6 +26,7 @@ import dataclasses
 from typing import Any
 
 import torch
+from torch.profiler import record_function
 
 from vllm_dflash import backend, compat
 from vllm_dflash.config import (
@@ -163,19 +164,25 @@ class DFlashProposer(compat.SpecDecodeBaseProposer):
         if k == 0:
             return torch.empty(batch, 0, dtype=torch.int64, device=self.device)
 
-        block_cad = self._prepare_block(cad, next_token_ids, num_rejected_tokens_gpu)
-        _, per_layer = self.build_per_group_and_layer_attn_metadata(block_cad)
+        with record_function("dflash.prepare_block"):
+            block_cad = self._prepare_block(
+                cad, next_token_ids, num_rejected_tokens_gpu
+            )
+            _, per_layer = self.build_per_group_and_layer_attn_metadata(block_cad)
         num_block = batch * self.block_len
         mode, num_padded, across_dp = self._determine_batch_execution_and_padding(
             num_block
         )
-        with compat.set_forward_context(
-            per_layer,
-            self.vllm_config,
-            num_tokens=num_padded,
-            num_tokens_across_dp=across_dp,
-            cudagraph_runtime_mode=mode,
-            slot_mapping=self._get_slot_mapping(num_padded, block_cad.slot_mapping),
+        with (
+            record_function("dflash.block_forward"),
+            compat.set_forward_context(
+                per_layer,
+                self.vllm_config,
+                num_tokens=num_padded,
+                num_tokens_across_dp=across_dp,
+                cudagraph_runtime_mode=mode,
+                slot_mapping=self._get_slot_mapping(num_padded, block_cad.slot_mapping),
+            ),
         ):
             hidden = self.model(
                 input_ids=self.input_ids[:num_padded],
@@ -183,9 +190,10 @@ class DFlashProposer(compat.SpecDecodeBaseProposer):
             )
         # [B*Q, d] -> slots 1..k of every block -> [B*k, d]
         hidden = hidden[:num_block].view(batch, self.block_len, -1)[:, 1 : k + 1]
-        drafts, probs = self._sample_draft_tokens(
-            hidden.reshape(batch * k, -1), sampling_metadata
-        )
+        with record_function("dflash.sample"):
+            drafts, probs = self._sample_draft_tokens(
+                hidden.reshape(batch * k, -1), sampling_metadata
+            )
         if probs is not None:
             self._last_draft_probs = probs.view(batch, k, -1).contiguous()
         self.stats.steps += 1

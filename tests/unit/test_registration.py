@@ -51,13 +51,13 @@ from vllm.model_executor.models.registry import _LazyRegisteredModel
 entry = ModelRegistry.models["DFlashDraftModel"]
 runner_loaded = "{RUNNER}" in sys.modules
 import {RUNNER} as runner
-hooks = [f for f in sys.meta_path if type(f).__name__ == "_PatchOnImport"]
+hooks = [f.name for f in sys.meta_path if type(f).__name__ == "_PatchOnImport"]
 print(json.dumps(dict(
     heavy=heavy,
     arch=f"{{entry.module_name}}:{{entry.class_name}}",
     runner_loaded=runner_loaded,
     proposer=runner.DFlashProposer.__module__,
-    hooks=len(hooks),
+    hooks=hooks,
 )))
 """
     )
@@ -66,7 +66,7 @@ print(json.dumps(dict(
         "arch": "vllm_dflash.model:DFlashDraftModel",
         "runner_loaded": False,
         "proposer": "vllm_dflash.proposer",
-        "hooks": 1,
+        "hooks": ["vllm.v1.worker.gpu_model_runner"],
     }
 
 
@@ -113,3 +113,30 @@ def test_bad_native_switch_value_is_refused() -> None:
     )
     assert proc.returncode != 0
     assert "VLLM_DFLASH_USE_NATIVE='maybe'" in proc.stderr
+
+
+def test_dflash_defaults_to_v1_runner_unless_user_chose() -> None:
+    code = """
+import json, os
+import vllm_dflash
+vllm_dflash.register()
+from types import SimpleNamespace
+from vllm.config.vllm import VllmConfig
+prop = VllmConfig.__dict__["use_v2_model_runner"]
+dflash = SimpleNamespace(speculative_config=SimpleNamespace(method="dflash"))
+patched = type(prop).__module__ == "vllm_dflash.patching"
+print(json.dumps(dict(patched=patched, v2=prop.fget(dflash))))
+"""
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_USE_V2_MODEL_RUNNER"}
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {
+        "patched": True,
+        "v2": False,
+    }
