@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# On the lent H200 (see ../shared/device/README.md): install this checkout
+# beside the unpacked vLLM and run one step, copying results to $OUT.
+#
+#   bash scripts/gpu_session.sh install|checks|bench|profile
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH=/tmp/site VLLM_USE_FLASHINFER_SAMPLER=0
+OUT=${OUT:-/tmp/out}
+WORK=/tmp/dflash-work
+mkdir -p "$OUT" "$WORK"
+
+case "$1" in
+  install)
+    python3 -m pip install --no-deps --no-build-isolation -q -e . > "$OUT/pip.log" 2>&1
+    python3 -c 'import vllm, torch, vllm_dflash; print("vllm", vllm.__version__, "torch", torch.__version__, "plugin", vllm_dflash.__version__)'
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+    ;;
+  checks)
+    timeout "${2:-480}" python3 scripts/gpu_checks.py "$WORK/checks" > "$OUT/checks.log" 2>&1
+    echo "checks rc=$?"
+    cp "$WORK/checks/gpu_checks.json" "$OUT/" 2>/dev/null
+    tail -c 3000 "$OUT/checks.log"
+    ;;
+  bench)
+    shift
+    timeout 560 vllm-dflash bench --out "$WORK/bench" "$@" > "$OUT/bench.log" 2>&1
+    echo "bench rc=$?"
+    cp "$WORK/bench/bench.json" "$WORK/bench/bench.png" "$OUT/" 2>/dev/null
+    for m in none native plugin; do tail -c 20000 "$WORK/bench/$m.log" > "$OUT/$m.log" 2>/dev/null; done
+    tail -n 25 "$OUT/bench.log"
+    ;;
+  profile)
+    shift
+    timeout 400 vllm-dflash bench --out "$WORK/profile" --profile "$@" > "$OUT/profile.log" 2>&1
+    echo "profile rc=$?"
+    cp "$WORK"/profile/profile-*.txt "$WORK/profile/bench.json" "$OUT/" 2>/dev/null
+    tail -n 20 "$OUT/profile.log"
+    ;;
+esac
