@@ -300,13 +300,11 @@ def plot(rows: list[BenchRow], path: Path, title: str) -> None:
             continue
         batches = [r.batch for r in mine]
         ax1.plot(batches, [r.tok_per_s for r in mine], marker="o", label=mode)
-        if mode != "none":
-            ax2.plot(
-                batches,
-                [r.tok_per_s / base[r.batch] for r in mine if r.batch in base],
-                marker="o",
-                label=mode,
-            )
+        speedups = [
+            (r.batch, r.tok_per_s / base[r.batch]) for r in mine if r.batch in base
+        ]
+        if mode != "none" and speedups:
+            ax2.plot(*zip(*speedups, strict=True), marker="o", label=mode)
     for ax, label in ((ax1, "output tokens/s"), (ax2, "speedup over none")):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("batch size")
