@@ -24,44 +24,33 @@ from typing import Any
 
 MODES = ("none", "native", "plugin")
 
-# Qwen3-8B shape and the z-lab Qwen3-8B DFlash drafter shape.
+# Qwen3-8B shape, and the z-lab Qwen3-8B DFlash drafter: same width, 5 layers.
+_QWEN3_8B: dict[str, Any] = {
+    "architectures": ["Qwen3ForCausalLM"],
+    "model_type": "qwen3",
+    "hidden_size": 4096,
+    "intermediate_size": 12288,
+    "num_hidden_layers": 36,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "vocab_size": 151936,
+    "max_position_embeddings": 40960,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 1000000.0,
+    "hidden_act": "silu",
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+}
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "qwen3-8b": {
-        "target": {
-            "architectures": ["Qwen3ForCausalLM"],
-            "model_type": "qwen3",
-            "hidden_size": 4096,
-            "intermediate_size": 12288,
-            "num_hidden_layers": 36,
-            "num_attention_heads": 32,
-            "num_key_value_heads": 8,
-            "head_dim": 128,
-            "vocab_size": 151936,
-            "max_position_embeddings": 40960,
-            "rms_norm_eps": 1e-6,
-            "rope_theta": 1000000.0,
-            "hidden_act": "silu",
-            "tie_word_embeddings": False,
-            "torch_dtype": "bfloat16",
-        },
+        "target": _QWEN3_8B,
         "drafter": {
+            **_QWEN3_8B,
             "architectures": ["DFlashDraftModel"],
-            "model_type": "qwen3",
-            "hidden_size": 4096,
-            "intermediate_size": 12288,
             "num_hidden_layers": 5,
-            "num_attention_heads": 32,
-            "num_key_value_heads": 8,
-            "head_dim": 128,
-            "vocab_size": 151936,
-            "max_position_embeddings": 40960,
-            "rms_norm_eps": 1e-6,
-            "rope_theta": 1000000.0,
-            "hidden_act": "silu",
-            "tie_word_embeddings": False,
             "block_size": 16,
             "num_target_layers": 36,
-            "torch_dtype": "bfloat16",
             "dflash_config": {
                 "mask_token_id": 151669,
                 "target_layer_ids": [1, 9, 17, 25, 33],
