@@ -22,6 +22,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vllm_dflash.engine import collect_spec_metrics
+
 MODES = ("none", "native", "plugin")
 
 # Qwen3-8B shape, and the z-lab Qwen3-8B DFlash drafter: same width, 5 layers.
@@ -115,13 +117,12 @@ class BenchRow:
 
 
 def _spec_metrics(llm: Any) -> tuple[float, float]:
-    drafts = accepted = 0.0
-    for m in llm.get_metrics():
-        if m.name == "vllm:spec_decode_num_drafts":
-            drafts += float(m.value)
-        elif m.name == "vllm:spec_decode_num_accepted_tokens":
-            accepted += float(m.value)
-    return drafts, accepted
+    """(drafts, accepted tokens) so far, from vLLM's spec-decode counters."""
+    totals = collect_spec_metrics(llm)
+    return (
+        totals.get("vllm:spec_decode_num_drafts", 0.0),
+        totals.get("vllm:spec_decode_num_accepted_tokens", 0.0),
+    )
 
 
 def _memory_utilization() -> float:

@@ -12,7 +12,6 @@ only the worker process imports it, through ``model`` and ``proposer``.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 from typing import Any
 
 import torch
@@ -92,26 +91,13 @@ def compile_drafter(cls: type) -> type:
 
 
 def rope_kwargs(hf_config: Any, head_dim: int) -> dict[str, Any]:
-    """Arguments for ``get_rope`` in the spelling the installed vLLM takes.
-
-    vLLM 0.26+ takes ``rope_parameters`` (a dict holding ``rope_theta``);
-    older releases took ``base`` and ``rope_scaling``.
-    """
+    """Arguments for ``get_rope`` (vLLM >= 0.26 takes ``rope_parameters``)."""
     params = dict(getattr(hf_config, "rope_parameters", None) or {})
     theta = params.get("rope_theta", getattr(hf_config, "rope_theta", None))
     params.setdefault("rope_type", "default")
     params["rope_theta"] = 1_000_000.0 if theta is None else float(theta)
     max_pos = int(getattr(hf_config, "max_position_embeddings", 32768))
-    accepted = inspect.signature(get_rope).parameters
-    if "rope_parameters" in accepted:
-        return dict(head_size=head_dim, max_position=max_pos, rope_parameters=params)
-    return dict(  # pragma: no cover - vLLM < 0.26
-        head_size=head_dim,
-        rotary_dim=head_dim,
-        max_position=max_pos,
-        base=params["rope_theta"],
-        rope_scaling=None,
-    )
+    return dict(head_size=head_dim, max_position=max_pos, rope_parameters=params)
 
 
 def with_block_metadata(

@@ -81,7 +81,7 @@ def _call_hook(worker: Any, hook: str, phase: str) -> Any:
     return getattr(importlib.import_module(module), name)(worker, phase)
 
 
-def _collect_metrics(llm: Any) -> dict[str, float]:
+def collect_spec_metrics(llm: Any) -> dict[str, float]:
     totals: dict[str, float] = {}
     for metric in llm.get_metrics():
         if not metric.name.startswith("vllm:spec_decode"):
@@ -145,7 +145,7 @@ def run_in_process(spec: EngineSpec) -> EngineResult:
         outputs=tokens,
         elapsed_s=elapsed,
         generated_tokens=sum(len(t) for t in tokens),
-        metrics=_collect_metrics(llm),
+        metrics=collect_spec_metrics(llm),
         drafter_class=info[0],
         proposer_stats=info[1],
         vllm_version=vllm.__version__,

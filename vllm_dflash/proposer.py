@@ -231,7 +231,7 @@ class DFlashProposer(compat.SpecDecodeBaseProposer):
         starts_cpu = torch.arange(batch + 1, dtype=torch.int32) * q
         return compat.with_block_metadata(
             cad,
-            query_start_loc=starts_cpu.to(self.device, non_blocking=True),
+            query_start_loc=self.arange[: batch + 1] * q,  # on device: no H2D copy
             query_start_loc_cpu=starts_cpu,
             seq_lens=(accepted + q).to(cad.seq_lens.dtype),
             seq_lens_cpu_upper_bound=None if upper is None else upper + q,
