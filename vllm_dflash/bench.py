@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vllm_dflash.engine import collect_spec_metrics
+from vllm_dflash.engine import collect_spec_metrics, runner_version
 
 MODES = ("none", "native", "plugin")
 
@@ -114,6 +114,8 @@ class BenchRow:
     seconds: float
     tok_per_s: float
     acceptance_length: float | None
+    runner: str = ""
+    """Model runner the engine used: "v1" or "v2"."""
 
 
 def _spec_metrics(llm: Any) -> tuple[float, float]:
@@ -175,6 +177,7 @@ def _worker(spec: BenchSpec) -> list[BenchRow]:
             8192, max(spec.batch_sizes) * (spec.k + 1)
         )
     llm = LLM(**kwargs)
+    runner = llm.collective_rpc(runner_version)[0]
     rng = random.Random(0)
     vocab = json.loads(Path(spec.target, "config.json").read_text())["vocab_size"]
     low, high = min(1000, vocab // 4), min(30000, vocab // 2)
@@ -200,10 +203,12 @@ def _worker(spec: BenchSpec) -> list[BenchRow]:
         tokens = sum(len(o.outputs[0].token_ids) for o in outs)
         drafts = after[0] - before[0]
         tau = 1 + (after[1] - before[1]) / drafts if drafts else None
-        rows.append(BenchRow(spec.mode, batch, tokens, seconds, tokens / seconds, tau))
+        rows.append(
+            BenchRow(spec.mode, batch, tokens, seconds, tokens / seconds, tau, runner)
+        )
         print(
-            f"[bench] {spec.mode:>6} batch {batch:>3}: {tokens / seconds:9.1f} tok/s"
-            + (f"  tau {tau:.2f}" if tau else ""),
+            f"[bench] {spec.mode:>6} ({runner}) batch {batch:>3}: "
+            f"{tokens / seconds:9.1f} tok/s" + (f"  tau {tau:.2f}" if tau else ""),
             file=sys.stderr,
             flush=True,
         )
@@ -231,7 +236,7 @@ def _profile(llm: Any, prompts: Any, path: str) -> None:
 
 
 def run_mode(spec: BenchSpec, log: Path) -> list[BenchRow]:
-    env = {**os.environ, **spec.env}
+    env = {**os.environ, "VLLM_ALLOW_INSECURE_SERIALIZATION": "1", **spec.env}
     if spec.profile_path:
         env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     if spec.mode == "native":
@@ -269,11 +274,21 @@ def write_preset(name: str, root: Path) -> tuple[Path, Path]:
 
 def print_table(rows: list[BenchRow]) -> None:
     base = {r.batch: r.tok_per_s for r in rows if r.mode == "none"}
-    print(f"{'mode':>8} {'batch':>6} {'tok/s':>10} {'tau':>6} {'vs none':>8}")
+    native = {r.batch: r.tok_per_s for r in rows if r.mode == "native"}
+    print(
+        f"{'mode':>8} {'runner':>6} {'batch':>6} {'tok/s':>10} {'tau':>6} "
+        f"{'vs none':>8} {'vs native':>9}"
+    )
     for r in sorted(rows, key=lambda r: (r.batch, MODES.index(r.mode))):
         speedup = f"{r.tok_per_s / base[r.batch]:.2f}x" if r.batch in base else "-"
+        vs_native = (
+            f"{r.tok_per_s / native[r.batch]:.2f}x" if r.batch in native else "-"
+        )
         tau = f"{r.acceptance_length:.2f}" if r.acceptance_length else "-"
-        print(f"{r.mode:>8} {r.batch:>6} {r.tok_per_s:>10.1f} {tau:>6} {speedup:>8}")
+        print(
+            f"{r.mode:>8} {r.runner:>6} {r.batch:>6} {r.tok_per_s:>10.1f} "
+            f"{tau:>6} {speedup:>8} {vs_native:>9}"
+        )
 
 
 def plot(rows: list[BenchRow], path: Path, title: str) -> None:
@@ -382,7 +397,7 @@ def bench_command(args: argparse.Namespace) -> int:
         "prompt_len": args.prompt_len,
         "output_len": args.output_len,
         "dtype": args.dtype,
-        "runner": "v2" if os.environ.get("VLLM_USE_V2_MODEL_RUNNER") == "1" else "v1",
+        "runners": {r.mode: r.runner for r in rows},
         "attention_backend": args.attention_backend,
         "draft_attention_backend": args.draft_attention_backend,
         "enforce_eager": args.enforce_eager,
@@ -394,7 +409,8 @@ def bench_command(args: argparse.Namespace) -> int:
         plot(
             rows,
             out / "bench.png",
-            f"DFlash K={args.k} tau={args.tau} ({meta['runner']})",
+            f"DFlash K={args.k} tau={args.tau} "
+            f"({', '.join(f'{m} {r}' for m, r in meta['runners'].items())})",
         )
     print(f"[bench] wrote {out / 'bench.json'}")
     if failed:

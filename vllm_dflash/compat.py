@@ -34,6 +34,7 @@ from vllm.model_executor.layers.linear import (
 )
 from vllm.model_executor.layers.rotary_embedding import get_rope
 from vllm.model_executor.model_loader.weight_utils import default_weight_loader
+from vllm.triton_utils import HAS_TRITON, tl, triton
 
 # --- attention backends and metadata ---------------------------------------
 from vllm.v1.attention.backend import CommonAttentionMetadata
@@ -53,13 +54,41 @@ try:
 except ImportError:  # pragma: no cover
     from vllm.config.vllm import get_layers_from_vllm_config  # type: ignore
 
+# --- the V2 model runner (vllm/v1/worker/gpu/) -----------------------------
+# Its speculator interface changes between releases; the plugin's V2
+# speculator is written against the 0.26 shape, checked by
+# ``patching.v2_speculator_available`` (a feature test, not a version string).
+try:
+    from vllm.compilation.backends import set_model_tag
+    from vllm.config.compilation import CUDAGraphMode
+    from vllm.forward_context import BatchDescriptor
+    from vllm.model_executor.model_loader import get_model
+    from vllm.v1.attention.backend import AttentionCGSupport
+    from vllm.v1.worker.gpu.attn_utils import (
+        build_attn_metadata,
+        build_slot_mappings_by_layer,
+    )
+    from vllm.v1.worker.gpu.cudagraph_utils import CudaGraphManager
+    from vllm.v1.worker.gpu.dp_utils import dispatch_cg_and_sync_dp
+    from vllm.v1.worker.gpu.input_batch import InputBatch
+    from vllm.v1.worker.gpu.spec_decode.speculator import DraftModelSpeculator
+except ImportError:  # pragma: no cover - releases without the V2 runner
+    DraftModelSpeculator = object  # type: ignore[assignment,misc]
+
 __all__ = [
+    "HAS_TRITON",
     "PADDING_SLOT_ID",
     "Attention",
     "AttentionBackendEnum",
+    "AttentionCGSupport",
     "AttentionLayerBase",
+    "BatchDescriptor",
+    "CUDAGraphMode",
     "CommonAttentionMetadata",
+    "CudaGraphManager",
+    "DraftModelSpeculator",
     "GeluAndMul",
+    "InputBatch",
     "MergedColumnParallelLinear",
     "QKVParallelLinear",
     "RMSNorm",
@@ -68,14 +97,22 @@ __all__ = [
     "SiluAndMul",
     "SpecDecodeBaseProposer",
     "VllmConfig",
+    "build_attn_metadata",
+    "build_slot_mappings_by_layer",
     "compile_drafter",
     "default_weight_loader",
+    "dispatch_cg_and_sync_dp",
     "get_current_vllm_config",
     "get_layers_from_vllm_config",
+    "get_model",
     "get_rope",
     "init_logger",
+    "kv_cache_update",
     "rope_kwargs",
     "set_forward_context",
+    "set_model_tag",
+    "tl",
+    "triton",
     "with_block_metadata",
 ]
 

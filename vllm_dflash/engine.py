@@ -66,12 +66,20 @@ class EngineResult:
 
 
 def _drafter_info(worker: Any) -> tuple[str | None, dict[str, int] | None]:
-    drafter = getattr(worker.model_runner, "drafter", None)
+    runner = worker.model_runner
+    # V1 runner: .drafter; V2 runner: .speculator
+    drafter = getattr(runner, "drafter", None) or getattr(runner, "speculator", None)
     if drafter is None:
         return None, None
     cls = type(drafter)
     stats = getattr(drafter, "stats", None)
     return f"{cls.__module__}.{cls.__qualname__}", (asdict(stats) if stats else None)
+
+
+def runner_version(worker: Any) -> str:
+    """ "v2" for vLLM's V2 model runner (``vllm.v1.worker.gpu``), else "v1"."""
+    module = type(worker.model_runner).__module__
+    return "v2" if module.startswith("vllm.v1.worker.gpu.") else "v1"
 
 
 def _call_hook(worker: Any, hook: str, phase: str) -> Any:

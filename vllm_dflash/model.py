@@ -18,13 +18,13 @@ sequence lengths by the rejected count).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from vllm_dflash import compat
+from vllm_dflash import compat, patching
 from vllm_dflash.config import (
     DFlashConfigError,
     DFlashDraftConfig,
@@ -249,11 +249,14 @@ class DFlashDraftModel(nn.Module):
 
     def __init__(self, *, vllm_config: compat.VllmConfig, prefix: str = "") -> None:
         super().__init__()
-        if getattr(vllm_config, "use_v2_model_runner", False):
+        if getattr(vllm_config, "use_v2_model_runner", False) and not (
+            patching.v2_speculator_available()
+        ):
             raise DFlashConfigError(
                 "VLLM_USE_V2_MODEL_RUNNER",
                 "1",
-                "vllm-dflash drives vLLM's V1 model runner; unset it or set "
+                "vllm-dflash's V2-runner speculator is written for vLLM 0.26's "
+                "interface, which this release changed; set "
                 "VLLM_USE_V2_MODEL_RUNNER=0 (or VLLM_DFLASH_USE_NATIVE=1 for "
                 "vLLM's native DFlash on V2).",
             )
@@ -354,20 +357,26 @@ class DFlashDraftModel(nn.Module):
         self,
         target_hidden: torch.Tensor,
         positions: torch.Tensor,
-        slot_mapping: torch.Tensor | None,
+        slot_mapping: torch.Tensor | Sequence[torch.Tensor] | None,
     ) -> None:
         """Project captured target features to every layer's K/V and write them
-        into the draft KV cache at ``slot_mapping`` [N] (None: compute only,
-        as in memory profiling)."""
+        into the draft KV cache at ``slot_mapping`` [N] — one tensor for all
+        layers, or one per layer when the layers' caches sit in different
+        KV-cache groups (None: compute only, as in memory profiling)."""
         if self._ctx_kv_stacked is None:
             self._stack_kv_projections()
         ctx = self.fuse_context(target_hidden)
-        for attn, kv in zip(
-            self._attn_layers(), self._context_projections(ctx), strict=True
+        attns = self._attn_layers()
+        if slot_mapping is None or isinstance(slot_mapping, torch.Tensor):
+            slots: Sequence[torch.Tensor | None] = [slot_mapping] * len(attns)
+        else:
+            slots = slot_mapping
+        for attn, kv, layer_slots in zip(
+            attns, self._context_projections(ctx), slots, strict=True
         ):
             k, v = attn.context_kv(kv, positions)
-            if slot_mapping is not None:
-                compat.kv_cache_update(attn.attn, k, v, slot_mapping)
+            if layer_slots is not None:
+                compat.kv_cache_update(attn.attn, k, v, layer_slots)
 
     # -- weights ------------------------------------------------------------
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:

@@ -7,19 +7,23 @@ never imports runner code on the plugin's behalf.
 
 from __future__ import annotations
 
+import functools
 import importlib.abc
 import importlib.machinery
 import importlib.util
+import inspect
 import sys
 import threading
 from collections.abc import Callable
 from types import ModuleType
+from typing import Any
 
 _lock = threading.Lock()
 _applied: set[str] = set()
 
 V1_RUNNER = "vllm.v1.worker.gpu_model_runner"
 VLLM_CONFIG = "vllm.config.vllm"
+V2_SPEC_DECODE = "vllm.v1.worker.gpu.spec_decode"
 
 
 def patch_v1_runner_proposer(module: ModuleType) -> None:
@@ -41,19 +45,73 @@ def patch_v1_runner_proposer(module: ModuleType) -> None:
     module.DFlashProposer = DFlashProposer  # type: ignore[attr-defined]
 
 
+def patch_v2_speculator(module: ModuleType) -> None:
+    """Ledger entry: the V2 runner builds the plugin's speculator.
+
+    Target:   ``vllm.v1.worker.gpu.spec_decode.init_speculator`` (function).
+    Why:      vLLM's V2 model runner (the default for dense models from 0.26)
+              picks its speculator from a hard-coded switch on the method, so
+              ``method: "dflash"`` would always get vLLM's native DFlash.
+    How:      wrap the function: "dflash" builds
+              ``vllm_dflash.speculator.DFlashSpeculator``, every other method
+              goes to vLLM's. Only the interface the plugin implements (0.26:
+              ``init_speculator(vllm_config, device)``) is wrapped; on releases
+              with another shape ``patch_runner_choice`` keeps DFlash on V1.
+              The runner imports the name from this module, so the patch acts
+              when the module is first imported, before the runner binds it.
+    Upstream: none yet; a speculator registry keyed by method would replace it.
+    Remove:   when vLLM lets plugins register V2 speculators.
+    """
+    original = module.init_speculator
+    if getattr(original, "_vllm_dflash", False) or not _v2_interface_supported(
+        original
+    ):
+        return
+
+    @functools.wraps(original)
+    def init_speculator(vllm_config: Any, device: Any) -> Any:
+        spec = vllm_config.speculative_config
+        if spec is not None and spec.method == "dflash":
+            from vllm_dflash.speculator import DFlashSpeculator
+
+            return DFlashSpeculator(vllm_config, device)
+        return original(vllm_config, device)
+
+    init_speculator._vllm_dflash = True  # type: ignore[attr-defined]
+    module.init_speculator = init_speculator  # type: ignore[attr-defined]
+
+
+def _v2_interface_supported(init_speculator: Callable[..., Any]) -> bool:
+    return len(inspect.signature(init_speculator).parameters) == 2
+
+
+def v2_speculator_available() -> bool:
+    """Whether this vLLM's V2 runner can run the plugin's speculator."""
+    try:
+        from vllm.v1.worker.gpu import spec_decode
+    except ImportError:
+        return False
+    init = getattr(spec_decode, "init_speculator", None)
+    if init is None:
+        return False
+    return _v2_interface_supported(getattr(init, "__wrapped__", init))
+
+
 def patch_runner_choice(module: ModuleType) -> None:
-    """Ledger entry: DFlash requests run on the V1 model runner.
+    """Ledger entry: DFlash runs on V1 where the V2 speculator cannot.
 
     Target:   ``vllm.config.vllm.VllmConfig.use_v2_model_runner`` (property).
-    Why:      vLLM >= 0.26 picks the V2 runner by default for dense models,
-              and V2 chooses its speculator from a hard-coded switch on the
-              method, so the plugin's proposer would never run there.
-    How:      when the method is "dflash" and the user has not set
-              ``VLLM_USE_V2_MODEL_RUNNER``, answer False (V1); every other
-              configuration gets vLLM's own answer. An explicit ``=1`` is kept
-              and refused at start-up by the drafter with the fix.
+    Why:      vLLM >= 0.26 picks the V2 runner by default for dense models;
+              the plugin's V2 speculator implements 0.26's interface, which
+              later releases changed (0.32: three-argument
+              ``init_speculator``), and there the plugin would never run.
+    How:      when the method is "dflash", the user has not set
+              ``VLLM_USE_V2_MODEL_RUNNER`` and the V2 interface is not the one
+              the plugin implements, answer False (V1); every other case gets
+              vLLM's own answer. An explicit ``=1`` there is refused at start-up
+              by the drafter with the fix.
     Upstream: a speculator registry for the V2 runner.
-    Remove:   when the plugin ships its V2 speculator.
+    Remove:   when the plugin's V2 speculator covers every supported release.
     """
     import os
 
@@ -67,6 +125,7 @@ def patch_runner_choice(module: ModuleType) -> None:
         if (
             getattr(spec, "method", None) == "dflash"
             and os.environ.get("VLLM_USE_V2_MODEL_RUNNER") is None
+            and not v2_speculator_available()
         ):
             return False
         return bool(original.fget(self))  # type: ignore[misc]

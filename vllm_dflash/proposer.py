@@ -74,18 +74,8 @@ class DFlashProposer(compat.SpecDecodeBaseProposer):
 
     # -- construction -------------------------------------------------------
     def _create_draft_vllm_config(self) -> compat.VllmConfig:
-        base = super()._create_draft_vllm_config()
-        changes: dict[str, Any] = {}
-        fields = {f.name for f in dataclasses.fields(base.attention_config)}
-        if "use_non_causal" in fields:
-            # Makes vLLM's selector pick a backend that can run the block.
-            changes["use_non_causal"] = not self._block_causal
-        if self._backend is not None:
-            changes["backend"] = backend.backend_enum(self._backend)
-        if not changes:
-            return base
-        return dataclasses.replace(
-            base, attention_config=dataclasses.replace(base.attention_config, **changes)
+        return with_draft_attention(
+            super()._create_draft_vllm_config(), self._block_causal, self._backend
         )
 
     def load_model(self, target_model: torch.nn.Module) -> None:
@@ -93,34 +83,13 @@ class DFlashProposer(compat.SpecDecodeBaseProposer):
         base_cls = compat.AttentionLayerBase
         target_layers = set(layers_of(self.vllm_config, base_cls))  # type: ignore[type-abstract]
         self.model = self._get_model()
-        if not isinstance(self.model, DFlashDraftModel):
-            raise DFlashConfigError(
-                "draft architectures",
-                type(self.model).__name__,
-                "vLLM built another class for the drafter; make sure its "
-                'config.json says architectures: ["DFlashDraftModel"].',
-            )
+        attach_to_target(self.model, target_model, self.num_speculative_tokens)
         all_layers = layers_of(self.vllm_config, base_cls)  # type: ignore[type-abstract]
         self._draft_attn_layer_names = {
             name
             for name in set(all_layers) - target_layers
             if all_layers[name].get_kv_cache_spec(self.vllm_config) is not None
         }
-        language_model = target_model
-        get_language_model = getattr(target_model, "get_language_model", None)
-        if callable(get_language_model):
-            language_model = get_language_model()
-        self.model.bind_target(language_model)
-        if language_model is not target_model:
-            # Multimodal wrappers own compute_logits; keep their conventions.
-            self.model._target_logits = target_model.compute_logits  # type: ignore[attr-defined]
-        logger.info(
-            "vllm-dflash: drafter loaded (%d layers, block %d, K=%d, target layers %s)",
-            self.draft_config.num_hidden_layers,
-            self.draft_config.block_size,
-            self.num_speculative_tokens,
-            list(self.draft_config.target_layer_ids),
-        )
 
     def initialize_attn_backend(
         self, kv_cache_config: Any, kernel_block_sizes: Any = None
@@ -316,3 +285,54 @@ def prepare_draft_config(vllm_config: compat.VllmConfig) -> DFlashDraftConfig:
     # release (0.20 forgot the +1 and fed the previous layer's output).
     hf.eagle_aux_hidden_state_layer_ids = list(cfg.aux_layer_ids)
     return cfg
+
+
+def with_draft_attention(
+    draft_vllm_config: compat.VllmConfig, block_causal: bool, backend_name: str | None
+) -> compat.VllmConfig:
+    """The drafter's config: attention chosen for the block, not the target."""
+    changes: dict[str, Any] = {}
+    fields = {f.name for f in dataclasses.fields(draft_vllm_config.attention_config)}
+    if "use_non_causal" in fields:
+        # Makes vLLM's selector pick a backend that can run the block.
+        changes["use_non_causal"] = not block_causal
+    if backend_name is not None:
+        changes["backend"] = backend.backend_enum(backend_name)
+    if not changes:
+        return draft_vllm_config
+    return dataclasses.replace(
+        draft_vllm_config,
+        attention_config=dataclasses.replace(
+            draft_vllm_config.attention_config, **changes
+        ),
+    )
+
+
+def attach_to_target(
+    model: torch.nn.Module, target_model: torch.nn.Module, k: int
+) -> DFlashDraftModel:
+    """Check the built drafter and share the target's embeddings and logits."""
+    if not isinstance(model, DFlashDraftModel):
+        raise DFlashConfigError(
+            "draft architectures",
+            type(model).__name__,
+            "vLLM built another class for the drafter; make sure its "
+            'config.json says architectures: ["DFlashDraftModel"].',
+        )
+    language_model = target_model
+    get_language_model = getattr(target_model, "get_language_model", None)
+    if callable(get_language_model):
+        language_model = get_language_model()
+    model.bind_target(language_model)
+    if language_model is not target_model:
+        # Multimodal wrappers own compute_logits; keep their conventions.
+        model._target_logits = target_model.compute_logits
+    cfg = model.dflash_config
+    logger.info(
+        "vllm-dflash: drafter loaded (%d layers, block %d, K=%d, target layers %s)",
+        cfg.num_hidden_layers,
+        cfg.block_size,
+        k,
+        list(cfg.target_layer_ids),
+    )
+    return model

@@ -66,7 +66,8 @@ print(json.dumps(dict(
         "arch": "vllm_dflash.model:DFlashDraftModel",
         "runner_loaded": False,
         "proposer": "vllm_dflash.proposer",
-        "hooks": ["vllm.v1.worker.gpu_model_runner"],
+        # One hook per runner: V2's speculator switch, V1's proposer name.
+        "hooks": ["vllm.v1.worker.gpu.spec_decode", "vllm.v1.worker.gpu_model_runner"],
     }
 
 

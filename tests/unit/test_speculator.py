@@ -1,0 +1,141 @@
+"""The V2-runner speculator's host-free block preparation (torch path on CPU;
+on CUDA also the Triton kernel against it), against a plain per-request loop,
+and the routing of ``init_speculator`` (the V2 runner itself only runs on
+CUDA: scripts/gpu_checks.py covers it there)."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+
+from vllm_dflash import kernels, patching
+from vllm_dflash.kernels import PAD_SLOT
+
+MASK = 99
+K = 3
+Q = K + 1
+KBS = 4  # kernel block size
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def _inputs(device: str, max_model_len: int, num_reqs_padded: int) -> dict:
+    # Request 0 verified 4 tokens at positions 10..13 (2 rejected); request 1
+    # is a chunked prefill whose chunk ended at position 5 (nothing sampled).
+    def t(values: list[int], dtype: torch.dtype = torch.int32) -> torch.Tensor:
+        return torch.tensor(values, dtype=dtype, device=device)
+
+    return dict(
+        query_start_loc=t([0, 4, 5]),
+        target_positions=t([10, 11, 12, 13, 5], torch.int64),
+        num_rejected=t([2, 0]),
+        num_sampled=t([2, 0]),
+        idx_mapping=t([3, 1]),
+        last_sampled=torch.arange(100, 108, device=device).view(8, 1),
+        next_prefill_tokens=torch.arange(200, 208, dtype=torch.int32, device=device),
+        block_tables=[
+            t([[5, 6, 7, 8], [9, 10, 11, 12], [0, 0, 0, 0], [0, 0, 0, 0]]),
+            t([[20, 21, 22, 23], [30, 31, 32, 33], [0, 0, 0, 0], [0, 0, 0, 0]]),
+        ],
+        kernel_block_sizes=[KBS, KBS],
+        slot_mappings=[t([-7] * 64, torch.int64) for _ in range(2)],
+        input_ids=t([-7] * 64),
+        positions=t([-7] * 64, torch.int64),
+        seq_lens=t([-7] * 8),
+        block_query_start_loc=t([-7] * 9),
+        num_reqs=2,
+        num_reqs_padded=num_reqs_padded,
+        block_len=Q,
+        mask_token_id=MASK,
+        max_model_len=max_model_len,
+    )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_block_inputs_match_a_per_request_loop(device: str) -> None:
+    args = _inputs(device, max_model_len=15, num_reqs_padded=2)
+    kernels.prepare_block(**args)
+    last = [11, 5]  # last accepted position per request
+    bonus = [103, 201]  # last_sampled[state 3], next_prefill[state 1]
+    for r in range(2):
+        row = slice(r * Q, (r + 1) * Q)
+        assert args["input_ids"][row].tolist() == [bonus[r]] + [MASK] * K
+        want_pos = [last[r] + 1 + j for j in range(Q)]
+        assert args["positions"][row].tolist() == [min(p, 14) for p in want_pos]
+        assert args["seq_lens"][r].item() == last[r] + 1 + Q
+        for table, slots in zip(
+            args["block_tables"], args["slot_mappings"], strict=True
+        ):
+            blocks = table[r].tolist()
+            want = [
+                blocks[p // KBS] * KBS + p % KBS if p < 15 else PAD_SLOT
+                for p in want_pos
+            ]
+            assert slots[row].tolist() == want
+    assert args["block_query_start_loc"][:3].tolist() == [0, Q, 2 * Q]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_padding_rows_attend_to_nothing(device: str) -> None:
+    args = _inputs(device, max_model_len=64, num_reqs_padded=4)
+    kernels.prepare_block(**args)
+    assert args["block_query_start_loc"][:5].tolist() == [0, Q, 2 * Q, 2 * Q, 2 * Q]
+    assert args["seq_lens"][2:4].tolist() == [0, 0]
+    for slots in args["slot_mappings"]:
+        assert (slots[2 * Q : 4 * Q] == PAD_SLOT).all()
+        assert (slots[4 * Q :] == -7).all()  # beyond the graph: untouched
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="Triton needs CUDA")
+def test_triton_kernel_equals_the_torch_path() -> None:
+    fused = _inputs("cuda", max_model_len=15, num_reqs_padded=4)
+    plain = _inputs("cuda", max_model_len=15, num_reqs_padded=4)
+    kernels._prepare_block_triton(**fused)
+    kernels._prepare_block_torch(**plain)
+    for name in ("input_ids", "positions", "seq_lens", "block_query_start_loc"):
+        assert torch.equal(fused[name], plain[name]), name
+    for a, b in zip(fused["slot_mappings"], plain["slot_mappings"], strict=True):
+        assert torch.equal(a, b)
+
+
+def _module(init: object) -> types.ModuleType:
+    module = types.ModuleType("fake_spec_decode")
+    module.init_speculator = init  # type: ignore[attr-defined]
+    return module
+
+
+def test_v2_init_speculator_routes_dflash_to_the_plugin(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import vllm_dflash.speculator as speculator
+
+    built: list[object] = []
+
+    class Recorder:
+        def __init__(self, vllm_config: object, device: object) -> None:
+            built.append(vllm_config)
+
+    monkeypatch.setattr(speculator, "DFlashSpeculator", Recorder)
+    module = _module(lambda vllm_config, device: "native")
+    patching.patch_v2_speculator(module)
+
+    def config(method: str) -> types.SimpleNamespace:
+        return types.SimpleNamespace(
+            speculative_config=types.SimpleNamespace(method=method)
+        )
+
+    assert module.init_speculator(config("eagle3"), "cuda") == "native"
+    assert isinstance(module.init_speculator(config("dflash"), "cuda"), Recorder)
+    assert len(built) == 1
+    patching.patch_v2_speculator(module)  # idempotent
+    assert module.init_speculator(config("eagle3"), "cuda") == "native"
+
+
+def test_other_v2_interfaces_are_left_alone() -> None:
+    def three_args(vllm_config: object, device: object, req_states: object) -> str:
+        return "native"
+
+    module = _module(three_args)
+    patching.patch_v2_speculator(module)
+    assert module.init_speculator is three_args
