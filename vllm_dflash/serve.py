@@ -97,6 +97,9 @@ class StopReport:
 class Server:
     """One ``vllm.entrypoints.openai.api_server`` process and its children.
 
+    ``env`` is added to this process's environment; a ``None`` value removes
+    the variable.
+
     ``stop()`` sends SIGTERM (as Ctrl-C or ``kill`` would) and waits; after
     ``timeout`` it kills the whole process group. Use as a context manager so
     the server stops even when the caller fails.
@@ -107,7 +110,7 @@ class Server:
         model: str | Path,
         args: list[str] | tuple[str, ...] = (),
         *,
-        env: dict[str, str] | None = None,
+        env: dict[str, str | None] | None = None,
         host: str = "127.0.0.1",
         port: int | None = None,
         log_path: Path | None = None,
@@ -127,7 +130,8 @@ class Server:
             str(self.port),
             *args,
         ]
-        self.env = {**os.environ, **(env or {})}
+        merged: dict[str, str | None] = {**os.environ, **(env or {})}
+        self.env = {k: v for k, v in merged.items() if v is not None}
         self.log_path = log_path or Path(
             tempfile.mkstemp(prefix="vllm-server-", suffix=".log")[1]
         )
@@ -187,7 +191,8 @@ class Server:
     def spec_metrics(self) -> SpecDecodeMetrics:
         return parse_spec_metrics(self.metrics_text())
 
-    def _descendants(self) -> list[Any]:
+    def children(self) -> list[Any]:
+        """The server's child processes (``psutil.Process``), recursively."""
         import psutil
 
         assert self.proc is not None
@@ -207,7 +212,7 @@ class Server:
         if self.proc is None:
             self.stop_report = StopReport(returncode=None, forced=False)
             return self.stop_report
-        children = self._descendants()
+        children = self.children()
         forced = False
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
