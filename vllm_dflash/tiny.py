@@ -136,3 +136,162 @@ def prompts(
     rng = random.Random(seed)
     lengths = [min_len + (max_len - min_len) * i // max(1, n - 1) for i in range(n)]
     return [[rng.randrange(1, vocab) for _ in range(length)] for length in lengths]
+
+
+# A real word-level tokenizer for the tiny targets, so an OpenAI-compatible
+# server can take text prompts and chat messages. Ids: special tokens first,
+# then punctuation, common words, and fillers "w<id>" up to the vocab size.
+TOKENIZER_SPECIALS = [
+    "<pad>",
+    "<s>",
+    "</s>",
+    "<unk>",
+    "<|system|>",
+    "<|user|>",
+    "<|assistant|>",
+    "<|end|>",
+]
+TOKENIZER_WORDS = (
+    ". , ? ! : ; ' - the a an and or of to in on for with is are was be it this "
+    "that you i we they he she what how why when where who which write tell me "
+    "about short story poem haiku list three five ten words sentence fast slow "
+    "speculative decoding draft drafter target model token tokens block diffusion "
+    "one two four hello world please explain give example test server plugin"
+)
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|> ' + message['content'] + ' <|end|> ' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
+)
+
+
+def build_tokenizer(path: Path, vocab_size: int = 512) -> Path:
+    """Save a word-level ``tokenizer.json`` + ``tokenizer_config.json`` (with a
+    chat template) whose ids fill ``vocab_size`` exactly, into ``path``."""
+    from tokenizers import AddedToken, Tokenizer, models, normalizers, pre_tokenizers
+
+    words = list(dict.fromkeys(TOKENIZER_SPECIALS + TOKENIZER_WORDS.split()))
+    if len(words) > vocab_size:
+        raise ValueError(f"vocab_size={vocab_size} is below {len(words)} words")
+    words += [f"w{i}" for i in range(len(words), vocab_size)]
+    tok = Tokenizer(
+        models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>")
+    )
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens([AddedToken(s, special=True) for s in TOKENIZER_SPECIALS])
+    path.mkdir(parents=True, exist_ok=True)
+    tok.save(str(path / "tokenizer.json"))
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "unk_token": "<unk>",
+        "pad_token": "<pad>",
+        "model_max_length": 2048,
+        "chat_template": CHAT_TEMPLATE,
+    }
+    (path / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    return path
+
+
+# An "echo" pair: a target that mostly repeats its last token and a drafter
+# built by hand to propose exactly that, so drafts are really accepted (random
+# drafters almost never are) and the acceptance counters have something to
+# count. Every ordinary token's embedding has +1 in dimension 0, the mask
+# token's is -1 there and 0 elsewhere; the drafter's attention reads that sign.
+ECHO_MIX = 3000.0
+"""Gain on the target's attention and MLP outputs against its embeddings:
+at 3000 a greedy tiny target repeats its last token about 2 steps in 3."""
+
+
+def build_echo_target(
+    path: Path, mask_token_id: int = 511, mix: float = ECHO_MIX, seed: int = 0
+) -> Path:
+    """Save a Qwen3 target whose greedy output mostly repeats the last token.
+
+    lm_head equals the embeddings (a token scores highest against itself);
+    ``mix`` scales the decoder layers' outputs so that the context changes the
+    next token often enough for varied text. Rows of the tokenizer's special
+    ids in lm_head are zero, so the target never emits them.
+    """
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**TINY_TARGET))
+    vocab, hidden = TINY_TARGET["vocab_size"], TINY_TARGET["hidden_size"]
+    embed = torch.randn(vocab, hidden, generator=torch.Generator().manual_seed(seed))
+    embed[:, 0] = 1.0
+    embed[mask_token_id] = 0.0
+    embed[mask_token_id, 0] = -1.0
+    head = embed.clone()
+    head[: len(TOKENIZER_SPECIALS)] = 0.0
+    with torch.no_grad():
+        model.model.embed_tokens.weight.copy_(embed)
+        model.lm_head.weight.copy_(head)
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.mul_(mix)
+            layer.mlp.down_proj.weight.mul_(mix)
+    path.mkdir(parents=True, exist_ok=True)
+    model.to(torch.float32).save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def echo_drafter_tensors(
+    cfg: DFlashDraftConfig, gain: float = 4.0, sharpness: float = 3.0
+) -> dict[str, Any]:
+    """Weights with which every masked slot copies the block's first token.
+
+    In each layer the masked slots' queries point along one head dimension
+    ``u`` (the RoPE pair of lowest frequency, so scores barely depend on
+    position); the first slot's key points along ``+u`` (embedding dim 0 is
+    +1), masked slots' keys along ``-u`` and the context's are zero (``fc`` is
+    zero), so each masked slot attends to the first slot alone and adds
+    ``gain`` x its embedding (dims 1..) through v/o. The target's lm_head then
+    scores that token highest: the drafter proposes "repeat the last token" at
+    every position. MLPs are zero.
+    """
+    import torch
+
+    d, hd = cfg.hidden_size, cfg.head_dim
+    heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+    group, u = heads // kv_heads, hd // 2 - 1
+    shapes = checkpoint_tensor_shapes(cfg)
+    t = {name: torch.zeros(shape) for name, shape in shapes.items()}
+    for name in t:
+        if name.endswith("norm.weight"):
+            t[name] = torch.ones(shapes[name])
+    for i in range(cfg.num_hidden_layers):
+        p = f"layers.{i}.self_attn."
+        t[p + "q_norm.weight"][u] = sharpness
+        t[p + "k_norm.weight"][u] = sharpness
+        for h in range(heads):
+            t[p + "q_proj.weight"][h * hd + u, 0] = -1.0  # masks: dim0 < 0
+        for g in range(kv_heads):
+            t[p + "k_proj.weight"][g * hd + u, 0] = 1.0
+            for j in range(hd):
+                src = 1 + g * hd + j
+                if src < d:
+                    t[p + "v_proj.weight"][g * hd + j, src] = 1.0
+                    t[p + "o_proj.weight"][src, g * group * hd + j] = gain
+    return t
+
+
+def build_echo_drafter(
+    path: Path, target_dir: Path, spec: TinyDrafter | None = None
+) -> Path:
+    """Save an echo drafter (see :func:`echo_drafter_tensors`) for an echo
+    target at ``path``."""
+    from safetensors.torch import save_file
+
+    spec = spec or TinyDrafter()
+    config = drafter_config(target_dir, spec)
+    tensors = echo_drafter_tensors(DFlashDraftConfig.from_hf_config(config))
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    save_file(
+        {k: v.contiguous() for k, v in tensors.items()}, str(path / "model.safetensors")
+    )
+    return path
