@@ -17,6 +17,10 @@ Per step, for B requests with K drafts (block length Q = K + 1):
                  length) plus the whole block (non-causal)
     4. drafts    argmax of the target lm_head at slots 1..K -> [B, K]
 
+Draft layers that sit in different KV cache groups (sliding-window layers
+beside full ones: Gemma-4 drafters) get metadata per group, each with its
+block table, slots and causality; see ``initialize_attn_backend``.
+
 Nothing here synchronises with the host: every index is computed on device.
 """
 

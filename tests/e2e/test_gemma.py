@@ -235,3 +235,43 @@ def test_one_kv_cache_group_still_gives_each_layer_its_mask(
     conventions = Conventions.of(gemma["drafter"], gemma["target"])
     for mine, expected in reference_logits(record, gemma, conventions):
         torch.testing.assert_close(mine, expected, atol=2e-3, rtol=2e-3)
+
+
+def test_bench_preset_passes_vllm_and_plugin_config_checks(tmp_path: Path) -> None:
+    """The gemma4-26b-a4b preset (the lead's H200 run) through vLLM's own
+    engine config and the plugin's validation, without loading weights."""
+    import subprocess
+    import sys
+
+    code = f"""
+import json, pathlib
+from vllm.engine.arg_utils import EngineArgs
+from vllm_dflash.bench import write_preset
+from vllm_dflash.proposer import prepare_draft_config
+target, drafter = write_preset("gemma4-26b-a4b", pathlib.Path({str(tmp_path)!r}))
+config = EngineArgs(
+    model=str(target), load_format="dummy", skip_tokenizer_init=True,
+    dtype="bfloat16", max_model_len=4096, max_num_batched_tokens=8192,
+    enforce_eager=True,
+    speculative_config={{"method": "dflash", "model": str(drafter),
+                        "num_speculative_tokens": 15}},
+).create_engine_config()
+draft = prepare_draft_config(config)
+print(json.dumps(dict(
+    layers=config.model_config.get_total_num_hidden_layers(),
+    windows=[layer.sliding_window for layer in draft.layers],
+    causal=[layer.causal for layer in draft.layers],
+    aux=list(draft.aux_layer_ids),
+    scale=draft.embed_scale,
+)))
+"""
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["layers"] == 30
+    assert out["windows"] == [2048] * 4 + [None]
+    assert out["causal"] == [True] * 4 + [False]
+    assert out["aux"] == [2, 7, 12, 18, 23, 28]
+    assert out["scale"] == pytest.approx(2816**0.5)
