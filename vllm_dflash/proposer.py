@@ -157,6 +157,8 @@ class DFlashProposer(compat.SpecDecodeBaseProposer):
                 for group in self.draft_attn_groups:
                     backend.check_non_causal(group.backend.get_name(), group.backend)
             return
+        # Per-group block tables and slots are read from the runner's batch.
+        assert self._runner is not None, "DFlashProposer needs its model runner"
         self._groups = self._build_groups(
             kv_cache_config, kernel_block_sizes, gid_of, causal_of
         )

@@ -9,7 +9,8 @@ the drafter's layers run in their own attention groups with their own masks;
 the captured target features are HF's ``hidden_states[i + 1]``; the first
 step's draft logits equal a plain-PyTorch DFlash with the Gemma conventions,
 and flipping any one convention would make them differ (so a missing
-convention cannot pass silently)."""
+convention cannot pass silently). A third engine runs with vLLM's hybrid KV
+cache manager off (one KV cache group, two masks)."""
 
 from __future__ import annotations
 
@@ -51,11 +52,10 @@ def baseline(gemma: dict[str, Path]) -> EngineResult:
     )
 
 
-@pytest.fixture(scope="module")
-def dflash(
-    gemma: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+def run_recorded(
+    gemma: dict[str, Path], out: Path, **llm_kwargs: Any
 ) -> tuple[EngineResult, dict[str, Any]]:
-    out = tmp_path_factory.mktemp("record") / "first_step.pt"
+    """A DFlash engine over PROMPTS that records its first step at ``out``."""
     result = run(
         EngineSpec(
             target=str(gemma["target"]),
@@ -63,6 +63,7 @@ def dflash(
             num_speculative_tokens=K,
             prompts=PROMPTS,
             max_tokens=MAX_TOKENS,
+            llm_kwargs=llm_kwargs,
             worker_hook="tests.e2e.recorder:record_first_step",
             env={
                 "DFLASH_RECORD_PATH": str(out),
@@ -73,6 +74,13 @@ def dflash(
         )
     )
     return result, torch.load(out)
+
+
+@pytest.fixture(scope="module")
+def dflash(
+    gemma: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> tuple[EngineResult, dict[str, Any]]:
+    return run_recorded(gemma, tmp_path_factory.mktemp("record") / "first_step.pt")
 
 
 def requests_of(record: dict[str, Any]) -> list[tuple[slice, int]]:
@@ -209,26 +217,12 @@ def test_one_kv_cache_group_still_gives_each_layer_its_mask(
 ) -> None:
     """With the hybrid KV cache manager off, sliding and full layers share one
     KV cache group (one block table) but not one mask."""
-    out = tmp_path_factory.mktemp("record-one-group") / "first_step.pt"
-    result = run(
-        EngineSpec(
-            target=str(gemma["target"]),
-            drafter=str(gemma["drafter"]),
-            num_speculative_tokens=K,
-            prompts=PROMPTS,
-            max_tokens=MAX_TOKENS,
-            llm_kwargs={"disable_hybrid_kv_cache_manager": True},
-            worker_hook="tests.e2e.recorder:record_first_step",
-            env={
-                "DFLASH_RECORD_PATH": str(out),
-                "PYTHONPATH": os.pathsep.join(
-                    [str(REPO), os.environ.get("PYTHONPATH", "")]
-                ),
-            },
-        )
+    result, record = run_recorded(
+        gemma,
+        tmp_path_factory.mktemp("record-one-group") / "first_step.pt",
+        disable_hybrid_kv_cache_manager=True,
     )
     assert result.outputs == baseline.outputs
-    record = torch.load(out)
     groups = record["attention_groups"]
     assert len({gid for gid, _ in groups}) == 1
     assert {causal for _, causal in groups} == {True, False}
