@@ -64,7 +64,7 @@ def register() -> None:
 
     ModelRegistry.register_model(DRAFTER_ARCH, DRAFTER_CLASS)
     patching.apply_on_import(patching.V1_RUNNER, patching.patch_v1_runner_proposer)
-    patching.apply_on_import(patching.VLLM_CONFIG, patching.patch_runner_choice)
+    patching.apply_on_import(patching.VLLM_CONFIG, patching.patch_vllm_config)
     patching.apply_on_import(patching.V2_SPEC_DECODE, patching.patch_v2_speculator)
     if support.newer_than_tested():
         log.warning(

@@ -61,6 +61,92 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     },
 }
 
+# google/gemma-4-26B-A4B-it's text decoder (public shape; the text-only class,
+# which runs the same decoder for text prompts without a vision tower or a
+# processor that a config-only folder lacks): 30 layers, 5 x (5 sliding + 1
+# global), sliding head_dim 256 / window 1024, global head_dim 512 with 2 KV
+# heads and k=v, MoE 128 experts top-8 (FFN 704) beside a dense FFN of 2112,
+# sqrt(hidden)-scaled tied embeddings, final logit soft cap 30. Mixed head
+# sizes make vLLM force TRITON_ATTN for the target.
+_GEMMA4_26B_A4B: dict[str, Any] = {
+    "architectures": ["Gemma4ForCausalLM"],
+    "model_type": "gemma4_text",
+    "hidden_size": 2816,
+    "intermediate_size": 2112,
+    "num_hidden_layers": 30,
+    "layer_types": (["sliding_attention"] * 5 + ["full_attention"]) * 5,
+    "sliding_window": 1024,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 8,
+    "head_dim": 256,
+    # vLLM 0.26 reads these two; transformers >= 5.x turns them into
+    # per_layer_config for the global layers (what vLLM 0.32 reads).
+    "global_head_dim": 512,
+    "num_global_key_value_heads": 2,
+    "attention_k_eq_v": True,
+    "enable_moe_block": True,
+    "num_experts": 128,
+    "top_k_experts": 8,
+    "moe_intermediate_size": 704,
+    "hidden_size_per_layer_input": 0,
+    "num_kv_shared_layers": 0,
+    "vocab_size": 262144,
+    "final_logit_softcapping": 30.0,
+    "hidden_activation": "gelu_pytorch_tanh",
+    "max_position_embeddings": 262144,
+    "rms_norm_eps": 1e-6,
+    "rope_parameters": {
+        "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+        "full_attention": {
+            "rope_type": "proportional",
+            "partial_rotary_factor": 0.25,
+            "rope_theta": 1000000.0,
+        },
+    },
+    "tie_word_embeddings": True,
+    "allow_global_per_layer_attribute_access": True,
+    "torch_dtype": "bfloat16",
+}
+# z-lab/gemma-4-26B-A4B-it-DFlash: target layers [1, 6, 11, 17, 22, 27], four
+# sliding-window layers (window 2048, causal) and a final full non-causal
+# layer, mask id 4, GELU-tanh MLP, soft cap 30; embeddings scaled by
+# sqrt(hidden) because the target is Gemma. Attention widths are an estimate
+# (32 x 128 query heads, 8 KV heads, FFN 5632: about 0.43 B parameters).
+_GEMMA4_26B_A4B_DRAFTER: dict[str, Any] = {
+    "architectures": ["DFlashDraftModel"],
+    "model_type": "qwen3",
+    "hidden_size": 2816,
+    "intermediate_size": 5632,
+    "num_hidden_layers": 5,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "hidden_act": "gelu_pytorch_tanh",
+    "rms_norm_eps": 1e-6,
+    "vocab_size": 262144,
+    "max_position_embeddings": 262144,
+    "rope_theta": 1000000.0,
+    "layer_types": ["sliding_attention"] * 4 + ["full_attention"],
+    "sliding_window": 2048,
+    "use_sliding_window": True,
+    "final_logit_softcapping": 30.0,
+    "block_size": 16,
+    "num_target_layers": 30,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+    "dflash_config": {"mask_token_id": 4, "target_layer_ids": [1, 6, 11, 17, 22, 27]},
+}
+PRESETS["gemma4-26b-a4b"] = {
+    "target": _GEMMA4_26B_A4B,
+    "drafter": _GEMMA4_26B_A4B_DRAFTER,
+}
+# Attention backends a preset runs with unless --attention-backend /
+# --draft-attention-backend say otherwise: (target, drafter). The Gemma-4
+# drafter's authors run the target on TRITON_ATTN, the drafter on FLASH_ATTN.
+PRESET_BACKENDS: dict[str, tuple[str | None, str | None]] = {
+    "gemma4-26b-a4b": ("TRITON_ATTN", "FLASH_ATTN"),
+}
+
 
 def _tiny_preset() -> dict[str, dict[str, Any]]:
     from vllm_dflash.tiny import TINY_TARGET
@@ -355,6 +441,11 @@ def bench_command(args: argparse.Namespace) -> int:
         if args.target
         else (write_preset(args.preset, out / "models"))
     )
+    preset_target_backend, preset_draft_backend = (
+        (None, None) if args.target else PRESET_BACKENDS.get(args.preset, (None, None))
+    )
+    attention_backend = args.attention_backend or preset_target_backend
+    draft_attention_backend = args.draft_attention_backend or preset_draft_backend
     batches = [int(b) for b in args.batch_sizes.split(",")]
     rows: list[BenchRow] = []
     failed: list[str] = []
@@ -377,8 +468,8 @@ def bench_command(args: argparse.Namespace) -> int:
             enforce_eager=args.enforce_eager,
             load_format=args.load_format,
             max_model_len=args.prompt_len + args.output_len + 64,
-            attention_backend=args.attention_backend,
-            draft_attention_backend=args.draft_attention_backend,
+            attention_backend=attention_backend,
+            draft_attention_backend=draft_attention_backend,
             profile_path=(
                 str(out / f"profile-{mode}.txt")
                 if args.profile and mode != "none"
@@ -398,8 +489,8 @@ def bench_command(args: argparse.Namespace) -> int:
         "output_len": args.output_len,
         "dtype": args.dtype,
         "runners": {r.mode: r.runner for r in rows},
-        "attention_backend": args.attention_backend,
-        "draft_attention_backend": args.draft_attention_backend,
+        "attention_backend": attention_backend,
+        "draft_attention_backend": draft_attention_backend,
         "enforce_eager": args.enforce_eager,
     }
     (out / "bench.json").write_text(

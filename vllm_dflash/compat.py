@@ -32,6 +32,7 @@ from vllm.model_executor.layers.linear import (
     ReplicatedLinear,
     RowParallelLinear,
 )
+from vllm.model_executor.layers.logits_processor import LogitsProcessor
 from vllm.model_executor.layers.rotary_embedding import get_rope
 from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 from vllm.triton_utils import HAS_TRITON, tl, triton
@@ -40,9 +41,13 @@ from vllm.triton_utils import HAS_TRITON, tl, triton
 from vllm.v1.attention.backend import CommonAttentionMetadata
 from vllm.v1.attention.backends.registry import AttentionBackendEnum
 
+# --- KV cache groups (drafters whose layers span several groups) ----------
+from vllm.v1.kv_cache_interface import UniformTypeKVCacheSpecs
+
 # --- spec-decode machinery the proposer builds on (method-agnostic) --------
 from vllm.v1.spec_decode.llm_base_proposer import SpecDecodeBaseProposer
 from vllm.v1.spec_decode.utils import PADDING_SLOT_ID
+from vllm.v1.worker.utils import AttentionGroup
 
 try:  # vLLM >= 0.26 spells the compile decorator's module like this
     from vllm.compilation.decorators import support_torch_compile
@@ -89,6 +94,7 @@ __all__ = [
     "DraftModelSpeculator",
     "GeluAndMul",
     "InputBatch",
+    "LogitsProcessor",
     "MergedColumnParallelLinear",
     "QKVParallelLinear",
     "RMSNorm",
@@ -166,3 +172,78 @@ def kv_cache_update(
     """Write ``key``/``value`` [N, kv_heads, head_dim] into one attention
     layer's paged KV cache at ``slot_mapping`` [N] (negative slots skipped)."""
     attn.impl.do_kv_cache_update(attn, key, value, attn.kv_cache, slot_mapping)
+
+
+# --- several draft KV cache groups -------------------------------------------
+# A drafter whose layers mix sliding-window and full attention lands in
+# several KV cache groups (each with its own block table and slot mapping);
+# vLLM's base proposer assumes one. These helpers are the whole interface the
+# plugin uses for that case.
+
+
+def kv_cache_group_ids(kv_cache_config: Any, layer_names: Any) -> dict[str, int]:
+    """Layer name -> index of its group in ``kv_cache_config.kv_cache_groups``."""
+    wanted = set(layer_names)
+    return {
+        name: gid
+        for gid, group in enumerate(kv_cache_config.kv_cache_groups)
+        for name in group.layer_names
+        if name in wanted
+    }
+
+
+def make_attention_group(
+    vllm_config: VllmConfig,
+    device: torch.device,
+    backend: type,
+    layer_names: list[str],
+    kv_cache_config: Any,
+    gid: int,
+    kernel_block_sizes: list[int] | None,
+) -> AttentionGroup:
+    """An attention group (one metadata builder) for draft layers of KV cache
+    group ``gid``, as the runner builds them for the target's layers."""
+    spec = kv_cache_config.kv_cache_groups[gid].kv_cache_spec
+    if isinstance(spec, UniformTypeKVCacheSpecs):
+        spec = spec.kv_cache_specs[layer_names[0]]
+    group = AttentionGroup(
+        backend=backend,
+        layer_names=list(layer_names),
+        kv_cache_spec=spec,
+        kv_cache_group_id=gid,
+    )
+    kernel_block_size = (
+        kernel_block_sizes[gid]
+        if kernel_block_sizes is not None and gid < len(kernel_block_sizes)
+        else None
+    )
+    group.create_metadata_builders(
+        vllm_config, device, kernel_block_size=kernel_block_size
+    )
+    return group
+
+
+def build_for_drafting(group: AttentionGroup, cad: CommonAttentionMetadata) -> Any:
+    """Attention metadata of one draft forward for ``group``."""
+    build = getattr(group, "build_metadata_for_drafting", None)
+    if build is not None:  # newer releases (0.32): maps kernel block tables too
+        return build(cad, 0)
+    return group.get_metadata_builder().build_for_drafting(
+        common_attn_metadata=cad, draft_index=0
+    )
+
+
+def runner_block_table(
+    runner: Any, gid: int, num_reqs: int
+) -> tuple[torch.Tensor, int, torch.Tensor]:
+    """KV cache group ``gid``'s block table in the V1 runner's input batch:
+    (device table [num_reqs, blocks], tokens per table entry, slot mapping
+    buffer whose first N entries are this step's N scheduled tokens). Slots
+    are computed in the table's own unit, ``block_size`` (kernel blocks on
+    0.26, allocation blocks on 0.32)."""
+    table = runner.input_batch.block_table[gid]
+    return (
+        table.get_device_tensor(num_reqs),
+        int(table.block_size),
+        table.slot_mapping.gpu,
+    )

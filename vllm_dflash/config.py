@@ -39,6 +39,20 @@ def _get(cfg: Any, name: str, default: Any = None) -> Any:
     return getattr(cfg, name, default)
 
 
+def _draft_value(hf: Any, name: str, default: Any = None) -> Any:
+    """A DFlash convention, looked up as the reference reads it:
+    ``dflash_config.<name>`` first, then the top-level field."""
+    value = _get(_get(hf, "dflash_config") or {}, name)
+    if value is None:
+        value = _get(hf, name)
+    return default if value is None else value
+
+
+def _positive_or_none(value: Any) -> float | None:
+    # The reference skips a soft cap of None or <= 0.
+    return None if value is None or float(value) <= 0 else float(value)
+
+
 @dataclass(frozen=True)
 class LayerAttention:
     """How one draft layer attends: window (None = full) and causality."""
@@ -60,7 +74,8 @@ class DFlashDraftConfig:
     head_dim: int
     intermediate_size: int
     hidden_act: str
-    """``silu`` (Qwen3-style SwiGLU) or ``gelu_pytorch_tanh`` (Gemma drafters)."""
+    """``silu`` (Qwen3-style SwiGLU) or ``gelu_pytorch_tanh`` (Gemma drafters;
+    read from ``hidden_activation`` when the config carries that Gemma name)."""
     rms_norm_eps: float
     vocab_size: int
     block_size: int
@@ -75,7 +90,13 @@ class DFlashDraftConfig:
     target_hidden_size: int | None = None
     """Width of each captured target feature; defaults to ``hidden_size``."""
     embed_scale: float = 1.0
-    """Multiplier on the shared input embeddings (Gemma: sqrt(hidden))."""
+    """Multiplier on the target's raw input embeddings (Gemma: sqrt(hidden));
+    see :func:`resolve_embed_scale`."""
+    output_multiplier: float = 1.0
+    """Multiplier on the draft logits, applied before the soft cap."""
+    final_logit_softcapping: float | None = None
+    """Soft cap on the draft logits, ``cap * tanh(logits / cap)`` (Gemma 4:
+    30); None leaves the target's own logit processing in charge."""
     extra: dict[str, Any] = field(default_factory=dict)
 
     # -- derived ----------------------------------------------------------
@@ -104,9 +125,20 @@ class DFlashDraftConfig:
         return self.block_size - 1
 
     # -- construction -----------------------------------------------------
+    @property
+    def has_own_logit_conventions(self) -> bool:
+        """Whether the config declares logit conventions of its own."""
+        return self.output_multiplier != 1.0 or self.final_logit_softcapping is not None
+
     @classmethod
-    def from_hf_config(cls, hf: Any) -> DFlashDraftConfig:
-        """Read a drafter's HF config (object or dict) into this dataclass."""
+    def from_hf_config(
+        cls, hf: Any, *, target_model_type: str | None = None
+    ) -> DFlashDraftConfig:
+        """Read a drafter's HF config (object or dict) into this dataclass.
+
+        ``target_model_type`` (the target's ``model_type``) selects the
+        target family's conventions where the drafter's config is silent.
+        """
         dflash = _get(hf, "dflash_config") or {}
         hidden = int(_get(hf, "hidden_size"))
         heads = int(_get(hf, "num_attention_heads"))
@@ -139,7 +171,12 @@ class DFlashDraftConfig:
             num_key_value_heads=int(_get(hf, "num_key_value_heads") or heads),
             head_dim=int(head_dim),
             intermediate_size=int(_get(hf, "intermediate_size")),
-            hidden_act=str(_get(hf, "hidden_act", "silu")),
+            # Gemma configs name it hidden_activation; a Qwen3-typed config
+            # then still reports Qwen3's default hidden_act "silu", which would
+            # silently run SwiGLU instead of GELU-tanh.
+            hidden_act=str(
+                _get(hf, "hidden_activation") or _get(hf, "hidden_act") or "silu"
+            ),
             rms_norm_eps=float(_get(hf, "rms_norm_eps", 1e-6)),
             vocab_size=int(_get(hf, "vocab_size")),
             block_size=int(block_size),
@@ -149,7 +186,11 @@ class DFlashDraftConfig:
             attention_bias=bool(_get(hf, "attention_bias", False)),
             num_target_layers=None if num_target is None else int(num_target),
             target_hidden_size=_get(hf, "target_hidden_size"),
-            embed_scale=float(_get(hf, "input_embedding_scale", 1.0) or 1.0),
+            embed_scale=resolve_embed_scale(hf, hidden, target_model_type),
+            output_multiplier=float(_draft_value(hf, "output_multiplier", 1.0)),
+            final_logit_softcapping=_positive_or_none(
+                _draft_value(hf, "final_logit_softcapping")
+            ),
         )
 
     # -- validation -------------------------------------------------------
@@ -265,6 +306,7 @@ def resolve_layer_attention(hf: Any, num_layers: int) -> tuple[LayerAttention, .
     no ``layer_types``           every layer full and non-causal, unless
                                  ``dflash_config.use_swa`` makes all sliding
     ``dflash_config.causal``     overrides causality of every layer
+    ``is_causal`` (top level)    overrides it too (the reference reads it)
     ===========================  ==========================================
 
     Getting causality wrong is silent: drafts still verify, acceptance drops.
@@ -279,7 +321,9 @@ def resolve_layer_attention(hf: Any, num_layers: int) -> tuple[LayerAttention, .
             f"{len(layer_types)}.",
         )
     use_swa = bool(_get(dflash, "use_swa", False))
-    causal_override = _get(dflash, "causal")
+    causal_override = _get(hf, "is_causal")
+    if causal_override is None:
+        causal_override = _get(dflash, "causal")
     window = _get(dflash, "swa_window_size", _get(hf, "sliding_window"))
     resolved = []
     for i in range(num_layers):
@@ -289,7 +333,9 @@ def resolve_layer_attention(hf: Any, num_layers: int) -> tuple[LayerAttention, .
                 "sliding_window",
                 None,
                 f"Draft layer {i} is sliding-window; give its window in "
-                "sliding_window or dflash_config.swa_window_size.",
+                "sliding_window or dflash_config.swa_window_size (a "
+                'model_type "qwen3" config also needs use_sliding_window: '
+                "true, or transformers drops sliding_window on load).",
             )
         causal = sliding and layer_types is not None
         if causal_override is not None:
@@ -301,6 +347,37 @@ def resolve_layer_attention(hf: Any, num_layers: int) -> tuple[LayerAttention, .
 def gemma_embed_scale(hidden_size: int) -> float:
     """Gemma targets scale input embeddings by sqrt(hidden_size)."""
     return math.sqrt(hidden_size)
+
+
+def is_gemma(model_type: Any) -> bool:
+    return str(model_type or "").startswith("gemma")
+
+
+def resolve_embed_scale(
+    hf: Any, hidden_size: int, target_model_type: str | None
+) -> float:
+    """The multiplier on the block's input embeddings.
+
+    ====================================  ===============================
+    config                                scale
+    ====================================  ===============================
+    ``input_embedding_scale`` (dflash_    that value
+    config or top level)
+    Gemma target or Gemma-typed drafter   sqrt(hidden_size)
+    otherwise                             1.0
+    ====================================  ===============================
+
+    The drafter embeds with the target's *raw* table (vLLM's Gemma models
+    apply their sqrt(hidden) normalizer in the model forward, not in
+    ``embed_tokens``), so this is the one place the scale is applied. A
+    missing or doubled scale raises nothing: acceptance just collapses.
+    """
+    given = _draft_value(hf, "input_embedding_scale")
+    if given is not None:
+        return float(given)
+    if is_gemma(target_model_type) or is_gemma(_get(hf, "model_type")):
+        return gemma_embed_scale(hidden_size)
+    return 1.0
 
 
 def validate_token_budget(

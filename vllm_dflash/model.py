@@ -18,6 +18,7 @@ sequence lengths by the rejected count).
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -50,7 +51,40 @@ _TARGET_OWNED = ("embed_tokens.", "lm_head.")
 def draft_config_of(vllm_config: compat.VllmConfig) -> DFlashDraftConfig:
     spec = vllm_config.speculative_config
     assert spec is not None and spec.draft_model_config is not None
-    return DFlashDraftConfig.from_hf_config(spec.draft_model_config.hf_config)
+    target_type = getattr(vllm_config.model_config.hf_config, "model_type", None)
+    return DFlashDraftConfig.from_hf_config(
+        spec.draft_model_config.hf_config, target_model_type=target_type
+    )
+
+
+def apply_logit_conventions(
+    logits: torch.Tensor, multiplier: float, softcap: float | None
+) -> torch.Tensor:
+    """The drafter's own logit conventions, in the reference's order:
+    multiply, then ``softcap * tanh(logits / softcap)``."""
+    if multiplier != 1.0:
+        logits = logits * multiplier
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    return logits
+
+
+def uses_target_logits(
+    cfg: DFlashDraftConfig, target_softcap: float | None, target_scale: float
+) -> bool:
+    """Whether the target's ``compute_logits`` already applies exactly the
+    drafter's logit conventions (each must be applied once: twice or not at
+    all changes the draft distribution and raises nothing).
+
+    A drafter that declares none inherits the target's processing (a Gemma
+    target's soft cap of 30 included)."""
+    if not cfg.has_own_logit_conventions:
+        return True
+    return (
+        cfg.output_multiplier == 1.0
+        and cfg.final_logit_softcapping == target_softcap
+        and target_scale == 1.0
+    )
 
 
 class DFlashAttention(nn.Module):
@@ -212,6 +246,11 @@ class DFlashBody(nn.Module):
         assert spec is not None
         hf_config = spec.draft_model_config.hf_config
         cfg = draft_config_of(vllm_config)
+        # vLLM's Attention falls back to cache_config.sliding_window (the
+        # target's model-wide window) for a layer given no window of its own:
+        # the drafter's full layers would silently become windowed.
+        cache_config = copy.copy(vllm_config.cache_config)
+        cache_config.sliding_window = None
         # Attention layers are named after the target's last layer so their KV
         # cache names never collide with the target's ("model.layers.{L+i}").
         first = vllm_config.model_config.get_total_num_hidden_layers()
@@ -220,7 +259,7 @@ class DFlashBody(nn.Module):
                 cfg,
                 hf_config,
                 i,
-                cache_config=vllm_config.cache_config,
+                cache_config=cache_config,
                 attn_prefix=f"{prefix}.layers.{first + i}.self_attn".lstrip("."),
                 prefix=f"{prefix}.layers.{i}",
             )
@@ -234,6 +273,8 @@ class DFlashBody(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         # input_ids, positions: [T] -> hidden [T, d]
         assert self.embed_tokens is not None, "bind_target() was not called"
+        # The target's raw embedding table (vLLM's Gemma models scale in their
+        # forward, not in embed_tokens): the drafter's scale applies once, here.
         hidden = self.embed_tokens(input_ids)
         if self.embed_scale != 1.0:
             hidden = hidden * self.embed_scale
@@ -270,6 +311,10 @@ class DFlashDraftModel(nn.Module):
         )
         self.hidden_norm = compat.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
         self._target_logits: Any = None
+        # Raw lm_head logits (no cap, no scale) for drafters whose own logit
+        # conventions differ from the target's; see compute_logits.
+        self._raw_logits = compat.LogitsProcessor(cfg.vocab_size)
+        self._lm_head: nn.Module | None = None
         # [n_layers * 2 * kv, d]: every layer's K/V projection stacked, so the
         # context projection is one GEMM. Built lazily after weights exist.
         self._ctx_kv_weight: torch.Tensor | None = None
@@ -291,7 +336,36 @@ class DFlashDraftModel(nn.Module):
                 "(model.embed_tokens); this architecture does not expose it.",
             )
         self.model.embed_tokens = embed
-        self._target_logits = target.compute_logits
+        processor = getattr(target, "logits_processor", None)
+        cfg = self.dflash_config
+        if uses_target_logits(
+            cfg,
+            getattr(processor, "soft_cap", None),
+            float(getattr(processor, "scale", 1.0)),
+        ):
+            self._target_logits = target.compute_logits
+            return
+        lm_head = getattr(target, "lm_head", None)
+        if lm_head is None:
+            raise DFlashConfigError(
+                "final_logit_softcapping/output_multiplier",
+                (cfg.final_logit_softcapping, cfg.output_multiplier),
+                f"The drafter's own logit conventions need the target's lm_head; "
+                f"{type(target).__name__} does not expose one.",
+            )
+        self._lm_head = lm_head
+
+        def own_logits(hidden: torch.Tensor) -> torch.Tensor:
+            raw = self._raw_logits(lm_head, hidden)
+            return apply_logit_conventions(
+                raw, cfg.output_multiplier, cfg.final_logit_softcapping
+            )
+
+        self._target_logits = own_logits
+
+    @property
+    def uses_own_logits(self) -> bool:
+        return self._lm_head is not None
 
     def forward(
         self,
@@ -302,8 +376,10 @@ class DFlashDraftModel(nn.Module):
         return self.model(input_ids, positions)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        # hidden: [M, d] -> logits [M, vocab], through the target's lm_head
-        # and logits processor (so its soft-capping and scaling apply too).
+        # hidden: [M, d] -> logits [M, vocab] through the target's lm_head:
+        # with the target's logits processor (its soft cap and scale) when
+        # that matches the drafter's conventions, else raw logits with the
+        # drafter's multiplier and soft cap (bind_target decides).
         return self._target_logits(hidden)
 
     # -- context K/V --------------------------------------------------------
@@ -360,17 +436,17 @@ class DFlashDraftModel(nn.Module):
         slot_mapping: torch.Tensor | Sequence[torch.Tensor] | None,
     ) -> None:
         """Project captured target features to every layer's K/V and write them
-        into the draft KV cache at ``slot_mapping`` [N] — one tensor for all
-        layers, or one per layer when the layers' caches sit in different
-        KV-cache groups (None: compute only, as in memory profiling)."""
+        into the draft KV cache at ``slot_mapping`` [N] (one tensor for all
+        layers, or one per layer when the layers sit in different KV cache
+        groups; None: compute only, as in memory profiling)."""
         if self._ctx_kv_stacked is None:
             self._stack_kv_projections()
-        ctx = self.fuse_context(target_hidden)
         attns = self._attn_layers()
         if slot_mapping is None or isinstance(slot_mapping, torch.Tensor):
             slots: Sequence[torch.Tensor | None] = [slot_mapping] * len(attns)
         else:
             slots = slot_mapping
+        ctx = self.fuse_context(target_hidden)
         for attn, kv, layer_slots in zip(
             attns, self._context_projections(ctx), slots, strict=True
         ):
@@ -432,3 +508,7 @@ class DFlashDraftModel(nn.Module):
     # -- introspection used by the proposer --------------------------------
     def attention_layer_names(self) -> list[str]:
         return [a.attn.layer_name for a in self._attn_layers()]
+
+    def attention_layer_causal(self) -> dict[str, bool]:
+        """Each draft attention layer's causality (vLLM layer name -> causal)."""
+        return {a.attn.layer_name: a.causal for a in self._attn_layers()}

@@ -137,6 +137,51 @@ class _RunnerChoice(property):
     """Marks vLLM's runner-choice property as patched by vllm-dflash."""
 
 
+def patch_multi_kv_group_check(module: ModuleType) -> None:
+    """Ledger entry: drafters mixing sliding and full layers run on V1.
+
+    Target:   ``vllm.config.vllm.VllmConfig._dflash_needs_multi_kv_group``.
+    Why:      vLLM assumes its V1 runner cannot serve a DFlash drafter whose
+              layers span several KV cache groups (sliding-window + full, the
+              Gemma-4 drafters): 0.32 refuses it on V1 ("Model Runner V1 does
+              not support: mixed sliding/full dflash drafts"), 0.26 forces V2
+              for it. The plugin's V1 proposer builds attention metadata per
+              draft KV cache group and per layer causality, so it runs them.
+    How:      answer False for method "dflash" unless the user chose V2
+              (``VLLM_USE_V2_MODEL_RUNNER=1``) or the plugin's V2 speculator
+              runs on this release (then V2, as vLLM chose: the speculator
+              builds metadata per group too); other configurations get vLLM's
+              answer. Releases without the method are left alone.
+    Upstream: none; vLLM's V1 DFlashProposer would need per-group metadata.
+    Remove:   when vLLM asks the proposer whether it handles several groups.
+    """
+    import os
+
+    cls = module.VllmConfig
+    original = cls.__dict__.get("_dflash_needs_multi_kv_group")
+    if not callable(original) or getattr(original, "_vllm_dflash", False):
+        return
+
+    def _dflash_needs_multi_kv_group(self: object) -> bool:
+        spec = getattr(self, "speculative_config", None)
+        if (
+            getattr(spec, "method", None) == "dflash"
+            and os.environ.get("VLLM_USE_V2_MODEL_RUNNER") != "1"
+            and not v2_speculator_available()
+        ):
+            return False
+        return bool(original(self))
+
+    _dflash_needs_multi_kv_group._vllm_dflash = True  # type: ignore[attr-defined]
+    cls._dflash_needs_multi_kv_group = _dflash_needs_multi_kv_group
+
+
+def patch_vllm_config(module: ModuleType) -> None:
+    """Every patch of ``vllm.config.vllm`` (one import hook per module)."""
+    patch_runner_choice(module)
+    patch_multi_kv_group_check(module)
+
+
 class _PatchingLoader(importlib.abc.Loader):
     def __init__(
         self, inner: importlib.abc.Loader, patch: Callable[[ModuleType], None]

@@ -17,11 +17,16 @@ Per step, for B requests with K drafts (block length Q = K + 1):
                  length) plus the whole block (non-causal)
     4. drafts    argmax of the target lm_head at slots 1..K -> [B, K]
 
+Draft layers that sit in different KV cache groups (sliding-window layers
+beside full ones: Gemma-4 drafters) get metadata per group, each with its
+block table, slots and causality; see ``initialize_attn_backend``.
+
 Nothing here synchronises with the host: every index is computed on device.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from typing import Any
 
@@ -41,6 +46,16 @@ logger = get_logger(__name__)
 
 
 @dataclasses.dataclass
+class _DraftGroup:
+    """Draft layers that share one attention-metadata build: the same KV
+    cache group (block table, slot mapping), backend and causality."""
+
+    attn: Any  # vLLM's AttentionGroup
+    kv_group: int
+    causal: bool
+
+
+@dataclasses.dataclass
 class ProposerStats:
     """Counters of what this proposer did; read by tests and benchmarks."""
 
@@ -53,6 +68,7 @@ class DFlashProposer(compat.SpecDecodeBaseProposer):
     """The plugin's DFlash proposer (a drop-in for vLLM's V1 runner)."""
 
     implementation = "vllm-dflash"
+    draft_attn_groups: list[Any]  # set by initialize_attn_backend
 
     def __init__(
         self, vllm_config: compat.VllmConfig, device: torch.device, runner: Any = None
@@ -71,6 +87,12 @@ class DFlashProposer(compat.SpecDecodeBaseProposer):
         self._offsets = torch.arange(self.block_len, device=device, dtype=torch.int64)
         self._block_causal = not self.draft_config.any_non_causal
         self._backend = backend.resolve(spec, needs_non_causal=not self._block_causal)
+        self._runner = runner
+        # None: every draft layer in one KV cache group with one mask (the
+        # base class's single attention group). Otherwise one entry per
+        # (KV cache group, backend, causality); see initialize_attn_backend.
+        self._groups: list[_DraftGroup] | None = None
+        self._group_slot_buffers: dict[int, torch.Tensor] = {}
 
     # -- construction -------------------------------------------------------
     def _create_draft_vllm_config(self) -> compat.VllmConfig:
@@ -94,11 +116,83 @@ class DFlashProposer(compat.SpecDecodeBaseProposer):
     def initialize_attn_backend(
         self, kv_cache_config: Any, kernel_block_sizes: Any = None
     ) -> None:
-        super().initialize_attn_backend(kv_cache_config, kernel_block_sizes)
-        if self._block_causal:
+        causal_of = self.model.attention_layer_causal()
+        gid_of = compat.kv_cache_group_ids(kv_cache_config, causal_of)
+        if len(set(gid_of.values())) <= 1 and len(set(causal_of.values())) <= 1:
+            # The common case: one KV cache group, one mask for every layer.
+            self._groups = None
+            super().initialize_attn_backend(kv_cache_config, kernel_block_sizes)
+            if not self._block_causal:
+                for group in self.draft_attn_groups:
+                    backend.check_non_causal(group.backend.get_name(), group.backend)
             return
-        for group in self.draft_attn_groups:
-            backend.check_non_causal(group.backend.get_name(), group.backend)
+        # Per-group block tables and slots are read from the runner's batch.
+        assert self._runner is not None, "DFlashProposer needs its model runner"
+        self._groups = self._build_groups(
+            kv_cache_config, kernel_block_sizes, gid_of, causal_of
+        )
+        self.draft_attn_groups = [g.attn for g in self._groups]
+        # The runner hands propose() the attention metadata of this group.
+        self.kv_cache_gid = self._groups[0].kv_group
+        self.block_size = self._groups[0].attn.kv_cache_spec.block_size
+        for group in self._groups:
+            if not group.causal:
+                name = group.attn.backend.get_name()
+                backend.check_non_causal(name, group.attn.backend)
+            self._group_slot_buffers.setdefault(
+                group.kv_group, torch.zeros_like(self._slot_mapping_buffer)
+            )
+        logger.info(
+            "vllm-dflash: draft layers span %d attention groups "
+            "(KV cache group, causal): %s",
+            len(self._groups),
+            [(g.kv_group, g.causal) for g in self._groups],
+        )
+
+    def _build_groups(
+        self,
+        kv_cache_config: Any,
+        kernel_block_sizes: Any,
+        gid_of: dict[str, int],
+        causal_of: dict[str, bool],
+    ) -> list[_DraftGroup]:
+        """One attention group per (KV cache group, backend, causality).
+
+        Sliding-window draft layers have their own KV cache spec, so the
+        hybrid KV cache manager puts them in other groups than the full
+        layers (own block table, own slot mapping); with that manager off
+        they share a group but still differ in causality. Either way each
+        layer's metadata must carry its own block table and mask: a wrong
+        mask or table raises nothing, acceptance just drops.
+        """
+        layers = compat.get_layers_from_vllm_config(
+            self.vllm_config,
+            compat.AttentionLayerBase,  # type: ignore[type-abstract]
+        )
+        buckets: dict[tuple[int, str, bool], list[str]] = {}
+        for name in sorted(causal_of):  # sorted: same order in every process
+            key = (
+                gid_of[name],
+                layers[name].get_attn_backend().full_cls_name(),
+                causal_of[name],
+            )
+            buckets.setdefault(key, []).append(name)
+        return [
+            _DraftGroup(
+                attn=compat.make_attention_group(
+                    self.vllm_config,
+                    self.device,
+                    layers[names[0]].get_attn_backend(),
+                    names,
+                    kv_cache_config,
+                    gid,
+                    kernel_block_sizes,
+                ),
+                kv_group=gid,
+                causal=causal,
+            )
+            for (gid, _, causal), names in sorted(buckets.items())
+        ]
 
     # -- the step ----------------------------------------------------------
     @torch.inference_mode()
@@ -124,7 +218,7 @@ class DFlashProposer(compat.SpecDecodeBaseProposer):
             target_positions if target_positions.dim() == 1 else target_positions[0]
         )
         self.model.store_context_kv(
-            target_hidden_states, positions[:num_ctx], cad.slot_mapping[:num_ctx]
+            target_hidden_states, positions[:num_ctx], self._context_slots(cad, num_ctx)
         )
         self.stats.context_tokens += num_ctx
         batch = cad.num_reqs
@@ -133,15 +227,22 @@ class DFlashProposer(compat.SpecDecodeBaseProposer):
         if k == 0:
             return torch.empty(batch, 0, dtype=torch.int64, device=self.device)
 
-        with record_function("dflash.prepare_block"):
-            block_cad = self._prepare_block(
-                cad, next_token_ids, num_rejected_tokens_gpu
-            )
-            _, per_layer = self.build_per_group_and_layer_attn_metadata(block_cad)
         num_block = batch * self.block_len
         mode, num_padded, across_dp = self._determine_batch_execution_and_padding(
             num_block
         )
+        with record_function("dflash.prepare_block"):
+            block_cad, pos = self._prepare_block(
+                cad, next_token_ids, num_rejected_tokens_gpu
+            )
+            if self._groups is None:
+                _, per_layer = self.build_per_group_and_layer_attn_metadata(block_cad)
+                slot_mapping = self._get_slot_mapping(
+                    num_padded, block_cad.slot_mapping
+                )
+            else:
+                per_layer = self._group_attn_metadata(block_cad, pos, num_padded)
+                slot_mapping = self._get_slot_mapping(num_padded)
         with (
             record_function("dflash.block_forward"),
             compat.set_forward_context(
@@ -150,7 +251,7 @@ class DFlashProposer(compat.SpecDecodeBaseProposer):
                 num_tokens=num_padded,
                 num_tokens_across_dp=across_dp,
                 cudagraph_runtime_mode=mode,
-                slot_mapping=self._get_slot_mapping(num_padded, block_cad.slot_mapping),
+                slot_mapping=slot_mapping,
             ),
         ):
             hidden = self.model(
@@ -174,8 +275,9 @@ class DFlashProposer(compat.SpecDecodeBaseProposer):
         cad: compat.CommonAttentionMetadata,
         next_token_ids: torch.Tensor,
         num_rejected: torch.Tensor | None,
-    ) -> compat.CommonAttentionMetadata:
-        """Fill the block's ids/positions buffers and return its metadata."""
+    ) -> tuple[compat.CommonAttentionMetadata, torch.Tensor]:
+        """Fill the block's ids/positions buffers; return its metadata (for
+        the KV cache group of ``cad``) and the block positions [B, Q]."""
         batch, q = cad.num_reqs, self.block_len
         # First block position = accepted length of each request: the
         # scheduled tokens the target rejected are excluded here and from
@@ -191,14 +293,9 @@ class DFlashProposer(compat.SpecDecodeBaseProposer):
         ids[:, 0] = next_token_ids[:batch]
         self.positions[: batch * q] = pos.view(-1)
 
-        table = cad.block_table_tensor[:batch]
-        block_idx = (pos // self.block_size).clamp_(max=table.shape[1] - 1)
-        slots = table.gather(1, block_idx).to(torch.int64) * self.block_size + (
-            pos % self.block_size
-        )
         upper = getattr(cad, "seq_lens_cpu_upper_bound", None)
         starts_cpu = torch.arange(batch + 1, dtype=torch.int32) * q
-        return compat.with_block_metadata(
+        block_cad = compat.with_block_metadata(
             cad,
             query_start_loc=self.arange[: batch + 1] * q,  # on device: no H2D copy
             query_start_loc_cpu=starts_cpu,
@@ -207,9 +304,70 @@ class DFlashProposer(compat.SpecDecodeBaseProposer):
             num_actual_tokens=batch * q,
             max_query_len=q,
             max_seq_len=cad.max_seq_len + q,
-            slot_mapping=slots.view(-1),
+            slot_mapping=block_slots(cad.block_table_tensor, self.block_size, pos),
             causal=self._block_causal,
         )
+        return block_cad, pos
+
+    # -- drafters whose layers span several KV cache groups ------------------
+    def _context_slots(
+        self, cad: compat.CommonAttentionMetadata, num_ctx: int
+    ) -> torch.Tensor | list[torch.Tensor]:
+        """Where the context tokens' K/V go: ``cad``'s slots for one group,
+        else each layer's own group's slots (the runner computed them for
+        every group when it scheduled these tokens)."""
+        if self._groups is None:
+            return cad.slot_mapping[:num_ctx]
+        gid_of = {n: g.kv_group for g in self._groups for n in g.attn.layer_names}
+        slots: dict[int, torch.Tensor] = {}
+        for gid in set(gid_of.values()):
+            _, _, group_slots = compat.runner_block_table(self._runner, gid, 0)
+            slots[gid] = group_slots[:num_ctx]
+        return [slots[gid_of[name]] for name in self.model.attention_layer_names()]
+
+    def _group_attn_metadata(
+        self,
+        block_cad: compat.CommonAttentionMetadata,
+        pos: torch.Tensor,
+        num_padded: int,
+    ) -> dict[str, Any]:
+        """Per-layer metadata of the block for every draft group: its KV cache
+        group's block table and slots, its own causality. Also fills each
+        group's persistent slot buffer (padded with PADDING_SLOT_ID)."""
+        assert self._groups is not None
+        batch, n = block_cad.num_reqs, block_cad.num_actual_tokens
+        per_layer: dict[str, Any] = {}
+        tables: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        for group in self._groups:
+            gid = group.kv_group
+            if gid not in tables:
+                table, block_size, _ = compat.runner_block_table(
+                    self._runner, gid, batch
+                )
+                slots = block_slots(table, block_size, pos)
+                buffer = self._group_slot_buffers[gid]
+                buffer[:n].copy_(slots)
+                buffer[n:num_padded].fill_(compat.PADDING_SLOT_ID)
+                tables[gid] = (table, buffer[:n])
+            group_cad = copy.copy(block_cad)
+            group_cad.block_table_tensor, group_cad.slot_mapping = tables[gid]
+            group_cad.causal = group.causal
+            metadata = compat.build_for_drafting(group.attn, group_cad)
+            for name in group.attn.layer_names:
+                per_layer[name] = metadata
+        return per_layer
+
+    def _get_slot_mapping(
+        self, num_tokens: int, slot_mapping: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        if self._groups is None:
+            return super()._get_slot_mapping(num_tokens, slot_mapping)
+        # Persistent per-group buffers (stable addresses for CUDA graphs).
+        return {
+            name: self._group_slot_buffers[group.kv_group][:num_tokens]
+            for group in self._groups
+            for name in group.attn.layer_names
+        }
 
     # -- profiling and CUDA-graph capture ----------------------------------
     @torch.inference_mode()
@@ -250,30 +408,34 @@ class DFlashProposer(compat.SpecDecodeBaseProposer):
             )
 
 
+def block_slots(
+    table: torch.Tensor, block_size: int, pos: torch.Tensor
+) -> torch.Tensor:
+    """KV cache slots [B*Q] of block positions ``pos`` [B, Q] in the paged
+    cache that ``table`` [>=B, blocks] (in units of ``block_size`` tokens)
+    describes."""
+    table = table[: pos.shape[0]]
+    block_idx = (pos // block_size).clamp_(max=table.shape[1] - 1)
+    slots = table.gather(1, block_idx).to(torch.int64) * block_size
+    return (slots + pos % block_size).view(-1)
+
+
 def prepare_draft_config(vllm_config: compat.VllmConfig) -> DFlashDraftConfig:
     """Resolve and validate the drafter against its target and the engine,
     and point the target's hidden-state capture at the drafter's layers."""
     spec = vllm_config.speculative_config
     assert spec is not None and spec.draft_model_config is not None
     hf = spec.draft_model_config.hf_config
-    cfg = DFlashDraftConfig.from_hf_config(hf)
     target = vllm_config.model_config
+    cfg = DFlashDraftConfig.from_hf_config(
+        hf, target_model_type=getattr(target.hf_config, "model_type", None)
+    )
     cfg.validate(
         target_hidden_size=target.get_hidden_size(),
         target_vocab_size=target.get_vocab_size(),
         target_num_layers=target.get_total_num_hidden_layers(),
         num_speculative_tokens=int(spec.num_speculative_tokens),
     )
-    if len({(layer.causal, layer.sliding_window) for layer in cfg.layers}) > 1:
-        # One attention-metadata group serves every draft layer here, so a
-        # mix would run some layers with the wrong mask: refuse it.
-        raise DFlashConfigError(
-            "layer_types",
-            list(getattr(hf, "layer_types", None) or []),
-            "This drafter mixes sliding/causal and full/non-causal layers, which "
-            "vllm-dflash 0.1 does not run yet (Gemma-4 drafters). Use a drafter "
-            "whose layers all attend alike.",
-        )
     sched = vllm_config.scheduler_config
     validate_token_budget(
         sched.max_num_batched_tokens,
@@ -324,7 +486,7 @@ def attach_to_target(
     if callable(get_language_model):
         language_model = get_language_model()
     model.bind_target(language_model)
-    if language_model is not target_model:
+    if language_model is not target_model and not model.uses_own_logits:
         # Multimodal wrappers own compute_logits; keep their conventions.
         model._target_logits = target_model.compute_logits
     cfg = model.dflash_config

@@ -8,6 +8,7 @@ Nothing is downloaded.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,33 @@ TINY_TARGET: dict[str, Any] = dict(
     tie_word_embeddings=False,
 )
 
+# Gemma-4 shape in miniature: sliding layers (head_dim 32) and a global layer
+# with another head_dim (64) and k=v, a small MoE beside the dense MLP, tied
+# embeddings scaled by sqrt(hidden) in the model, final logit soft cap 30.
+TINY_GEMMA4: dict[str, Any] = dict(
+    hidden_size=128,
+    intermediate_size=256,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=32,
+    global_head_dim=64,
+    num_global_key_value_heads=1,
+    attention_k_eq_v=True,
+    layer_types=["sliding_attention"] * 3 + ["full_attention"],
+    sliding_window=16,
+    final_logit_softcapping=30.0,
+    hidden_size_per_layer_input=0,
+    enable_moe_block=True,
+    num_experts=4,
+    top_k_experts=2,
+    moe_intermediate_size=64,
+    vocab_size=512,
+    max_position_embeddings=2048,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=True,
+)
+
 
 @dataclass
 class TinyDrafter:
@@ -48,19 +76,25 @@ class TinyDrafter:
 def build_target(
     path: Path, family: str = "qwen3", seed: int = 0, **overrides: Any
 ) -> Path:
-    """Save a random ``family`` ("qwen3" or "llama") target at ``path``."""
+    """Save a random ``family`` ("qwen3", "llama" or "gemma4") target at
+    ``path``."""
     import torch
     import transformers
 
-    shape = {**TINY_TARGET, **overrides}
+    shape = {**(TINY_GEMMA4 if family == "gemma4" else TINY_TARGET), **overrides}
     if family == "qwen3":
         config: Any = transformers.Qwen3Config(**shape)
         cls: Any = transformers.Qwen3ForCausalLM
     elif family == "llama":
         config = transformers.LlamaConfig(**shape)
         cls = transformers.LlamaForCausalLM
+    elif family == "gemma4":
+        config = transformers.Gemma4TextConfig(**shape)
+        cls = transformers.Gemma4ForCausalLM
     else:
-        raise ValueError(f"unknown tiny target family {family!r}: use qwen3 or llama")
+        raise ValueError(
+            f"unknown tiny target family {family!r}: use qwen3, llama or gemma4"
+        )
     torch.manual_seed(seed)
     model = cls(config).to(torch.float32)
     path.mkdir(parents=True, exist_ok=True)
@@ -98,8 +132,34 @@ def drafter_config(target_dir: Path, spec: TinyDrafter) -> dict[str, Any]:
     if spec.layer_types is not None:
         config["layer_types"] = list(spec.layer_types)
         config["sliding_window"] = spec.sliding_window
+        # model_type "qwen3" configs drop sliding_window on load without it.
+        config["use_sliding_window"] = spec.sliding_window is not None
     config.update(spec.extra)
     return config
+
+
+def gemma_drafter(**changes: Any) -> TinyDrafter:
+    """A tiny drafter with the Gemma-4 DFlash conventions: sliding-window
+    causal layers and a final full non-causal layer, mask id 4, GELU-tanh MLP
+    (named the Gemma way, ``hidden_activation``), and its own logit
+    conventions. The embedding scale is not given: a Gemma target implies
+    sqrt(hidden). The soft cap and multiplier are chosen so that forgetting
+    either changes the logits visibly (tiny random logits are far below
+    Gemma's real cap of 30)."""
+    spec = TinyDrafter(
+        num_hidden_layers=3,
+        block_size=8,
+        target_layer_ids=[0, 2],
+        mask_token_id=4,
+        layer_types=["sliding_attention"] * 2 + ["full_attention"],
+        sliding_window=8,
+        extra={
+            "hidden_activation": "gelu_pytorch_tanh",
+            "final_logit_softcapping": 2.0,
+            "output_multiplier": 8.0,
+        },
+    )
+    return dataclasses.replace(spec, **changes)
 
 
 def build_drafter(

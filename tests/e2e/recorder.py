@@ -2,7 +2,8 @@
 
 Saved to ``$DFLASH_RECORD_PATH``: the captured target features, positions and
 next tokens the runner passed to the proposer, the draft logits the drafter
-computed, and the drafts it returned.
+computed, the drafts it returned, and the drafter's attention groups
+((KV cache group, causal) per group; empty when one group serves all layers).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ _record: dict[str, Any] = {}
 def record_first_step(worker: Any, phase: str) -> str:
     drafter = worker.model_runner.drafter
     if phase == "after":
+        groups = getattr(drafter, "_groups", None) or []
+        _record["attention_groups"] = [(g.kv_group, g.causal) for g in groups]
         torch.save(_record, os.environ["DFLASH_RECORD_PATH"])
         return type(drafter).__module__
     propose, logits = drafter.propose, drafter.model.compute_logits

@@ -117,6 +117,7 @@ def test_bad_native_switch_value_is_refused() -> None:
 
 
 def test_dflash_defaults_to_v1_runner_unless_user_chose() -> None:
+    # Also: V1 is not refused for drafters mixing sliding and full layers.
     code = """
 import json, os
 import vllm_dflash
@@ -126,7 +127,8 @@ from vllm.config.vllm import VllmConfig
 prop = VllmConfig.__dict__["use_v2_model_runner"]
 dflash = SimpleNamespace(speculative_config=SimpleNamespace(method="dflash"))
 patched = type(prop).__module__ == "vllm_dflash.patching"
-print(json.dumps(dict(patched=patched, v2=prop.fget(dflash))))
+multi = VllmConfig._dflash_needs_multi_kv_group(dflash)
+print(json.dumps(dict(patched=patched, v2=prop.fget(dflash), multi=multi)))
 """
     env = {k: v for k, v in os.environ.items() if k != "VLLM_USE_V2_MODEL_RUNNER"}
     proc = subprocess.run(
@@ -140,4 +142,5 @@ print(json.dumps(dict(patched=patched, v2=prop.fget(dflash))))
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == {
         "patched": True,
         "v2": False,
+        "multi": False,
     }
