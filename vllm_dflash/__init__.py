@@ -65,6 +65,8 @@ def register() -> None:
     ModelRegistry.register_model(DRAFTER_ARCH, DRAFTER_CLASS)
     patching.apply_on_import(patching.V1_RUNNER, patching.patch_v1_runner_proposer)
     patching.apply_on_import(patching.VLLM_CONFIG, patching.patch_runner_choice)
+    if envs.capture_enabled():
+        patching.override_capture_architectures(ModelRegistry, version)
     if support.newer_than_tested():
         log.warning(
             "vllm-dflash %s is tested with %s; vLLM %s is newer. Please report "

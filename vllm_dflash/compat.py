@@ -33,7 +33,11 @@ from vllm.model_executor.layers.linear import (
     RowParallelLinear,
 )
 from vllm.model_executor.layers.rotary_embedding import get_rope
+from vllm.model_executor.model_loader.utils import get_model_architecture
 from vllm.model_executor.model_loader.weight_utils import default_weight_loader
+
+# --- target models: the EAGLE-3 aux-hidden-state interface ------------------
+from vllm.model_executor.models.interfaces import SupportsEagle3, supports_eagle3
 
 # --- attention backends and metadata ---------------------------------------
 from vllm.v1.attention.backend import CommonAttentionMetadata
@@ -67,15 +71,18 @@ __all__ = [
     "RowParallelLinear",
     "SiluAndMul",
     "SpecDecodeBaseProposer",
+    "SupportsEagle3",
     "VllmConfig",
     "compile_drafter",
     "default_weight_loader",
     "get_current_vllm_config",
     "get_layers_from_vllm_config",
+    "get_model_architecture",
     "get_rope",
     "init_logger",
     "rope_kwargs",
     "set_forward_context",
+    "supports_eagle3",
     "with_block_metadata",
 ]
 

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch.profiler import record_function
 
-from vllm_dflash import backend, compat
+from vllm_dflash import backend, capture, compat
 from vllm_dflash.config import (
     DFlashConfigError,
     DFlashDraftConfig,
@@ -288,6 +288,7 @@ def prepare_draft_config(vllm_config: compat.VllmConfig) -> DFlashDraftConfig:
     assert spec is not None and spec.draft_model_config is not None
     hf = spec.draft_model_config.hf_config
     cfg = DFlashDraftConfig.from_hf_config(hf)
+    capture.check_target(vllm_config)
     target = vllm_config.model_config
     cfg.validate(
         target_hidden_size=target.get_hidden_size(),
