@@ -2,7 +2,7 @@
 # On the lent H200 (see ../shared/device/README.md): install this checkout
 # beside the unpacked vLLM and run one step, copying results to $OUT.
 #
-#   bash scripts/gpu_session.sh install|checks|bench|profile
+#   bash scripts/gpu_session.sh install|checks|capture|bench|profile
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=/tmp/site VLLM_USE_FLASHINFER_SAMPLER=0
@@ -21,6 +21,13 @@ case "$1" in
     echo "checks rc=$?"
     cp "$WORK/checks/gpu_checks.json" "$OUT/" 2>/dev/null
     tail -c 3000 "$OUT/checks.log"
+    ;;
+  capture)
+    shift
+    timeout 560 python3 scripts/gpu_capture_check.py "$WORK/capture" "$@" > "$OUT/capture.log" 2>&1
+    echo "capture rc=$?"
+    cp "$WORK/capture/gpu_capture_check.json" "$OUT/" 2>/dev/null
+    tail -c 3000 "$OUT/capture.log"
     ;;
   bench)
     shift

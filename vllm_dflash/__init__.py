@@ -66,6 +66,8 @@ def register() -> None:
     patching.apply_on_import(patching.V1_RUNNER, patching.patch_v1_runner_proposer)
     patching.apply_on_import(patching.VLLM_CONFIG, patching.patch_vllm_config)
     patching.apply_on_import(patching.V2_SPEC_DECODE, patching.patch_v2_speculator)
+    if envs.capture_enabled():
+        patching.override_capture_architectures(ModelRegistry, version)
     if support.newer_than_tested():
         log.warning(
             "vllm-dflash %s is tested with %s; vLLM %s is newer. Please report "

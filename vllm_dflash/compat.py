@@ -34,7 +34,13 @@ from vllm.model_executor.layers.linear import (
 )
 from vllm.model_executor.layers.logits_processor import LogitsProcessor
 from vllm.model_executor.layers.rotary_embedding import get_rope
+from vllm.model_executor.model_loader.utils import get_model_architecture
 from vllm.model_executor.model_loader.weight_utils import default_weight_loader
+
+# --- target models: the EAGLE-3 aux-hidden-state interface ------------------
+from vllm.model_executor.models.interfaces import SupportsEagle3, supports_eagle3
+
+# --- Triton (a placeholder module on CPU builds) ----------------------------
 from vllm.triton_utils import HAS_TRITON, tl, triton
 
 # --- attention backends and metadata ---------------------------------------
@@ -102,6 +108,7 @@ __all__ = [
     "RowParallelLinear",
     "SiluAndMul",
     "SpecDecodeBaseProposer",
+    "SupportsEagle3",
     "VllmConfig",
     "build_attn_metadata",
     "build_slot_mappings_by_layer",
@@ -111,12 +118,14 @@ __all__ = [
     "get_current_vllm_config",
     "get_layers_from_vllm_config",
     "get_model",
+    "get_model_architecture",
     "get_rope",
     "init_logger",
     "kv_cache_update",
     "rope_kwargs",
     "set_forward_context",
     "set_model_tag",
+    "supports_eagle3",
     "tl",
     "triton",
     "with_block_metadata",

@@ -12,6 +12,11 @@ travel here (or in the drafter's ``config.json``), never in
     Attention backend of the drafter only (e.g. ``FLASH_ATTN``), for vLLM
     releases without ``speculative_config.attention_backend``. Where both are
     set, the speculative config wins.
+
+``VLLM_DFLASH_CAPTURE``
+    ``0`` leaves every target architecture as vLLM registered it. Default
+    ``1``: architectures whose vLLM class cannot return intermediate hidden
+    states (``vllm_dflash.capture.CAPTURE_ARCHS``) get the plugin's capture.
 """
 
 from __future__ import annotations
@@ -40,3 +45,10 @@ def draft_attention_backend() -> str | None:
     """The drafter's attention backend chosen through the environment."""
     value = os.environ.get("VLLM_DFLASH_DRAFT_ATTENTION_BACKEND", "").strip()
     return value.upper() or None
+
+
+def capture_enabled() -> bool:
+    """Whether the plugin adds hidden-state capture to targets that lack it."""
+    if "VLLM_DFLASH_CAPTURE" not in os.environ:
+        return True
+    return _flag("VLLM_DFLASH_CAPTURE")

@@ -328,6 +328,9 @@ class DFlashDraftModel(nn.Module):
         embed = getattr(inner, "embed_tokens", None) or getattr(
             inner, "embedding", None
         )
+        get_input_embeddings = getattr(inner, "get_input_embeddings", None)
+        if embed is None and callable(get_input_embeddings):
+            embed = get_input_embeddings()  # vLLM's Transformers backend
         if embed is None:
             raise DFlashConfigError(
                 "target model",

@@ -133,6 +133,28 @@ def patch_runner_choice(module: ModuleType) -> None:
     cls.use_v2_model_runner = _RunnerChoice(use_v2_model_runner, doc=original.__doc__)
 
 
+def override_capture_architectures(registry: Any, vllm_version: str) -> list[str]:
+    """Ledger entry: targets without the EAGLE-3 interface get hidden-state capture.
+
+    Target:   ``ModelRegistry`` entries of the architectures in
+              ``vllm_dflash.capture.CAPTURE_ARCHS`` (Gemma 3, Mixtral, ...).
+    Why:      the V1 runner reads a target's intermediate hidden states only
+              through ``SupportsEagle3`` and stops with "Model does not support
+              EAGLE3 interface" for model classes without it.
+    How:      ``ModelRegistry.register_model(arch, "vllm_dflash.capture:...")``
+              (vLLM's plugin API) for each such architecture; the class built
+              lazily in the worker subclasses vLLM's and adds the interface
+              (see docs/capture.md). It behaves exactly like vLLM's class until
+              aux layers are set, and steps aside for a vLLM class that has
+              gained the interface itself.
+    Upstream: the interface on each of these models (vLLM's llama.py pattern).
+    Remove:   per architecture, once every supported vLLM implements it there.
+    """
+    from vllm_dflash import capture
+
+    return capture.register_overrides(registry, vllm_version)
+
+
 class _RunnerChoice(property):
     """Marks vLLM's runner-choice property as patched by vllm-dflash."""
 

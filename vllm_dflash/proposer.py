@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch.profiler import record_function
 
-from vllm_dflash import backend, compat
+from vllm_dflash import backend, capture, compat
 from vllm_dflash.config import (
     DFlashConfigError,
     DFlashDraftConfig,
@@ -426,6 +426,7 @@ def prepare_draft_config(vllm_config: compat.VllmConfig) -> DFlashDraftConfig:
     spec = vllm_config.speculative_config
     assert spec is not None and spec.draft_model_config is not None
     hf = spec.draft_model_config.hf_config
+    capture.check_target(vllm_config)
     target = vllm_config.model_config
     cfg = DFlashDraftConfig.from_hf_config(
         hf, target_model_type=getattr(target.hf_config, "model_type", None)

@@ -73,38 +73,78 @@ class TinyDrafter:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def _family_config(family: str, shape: dict[str, Any]) -> tuple[str, str, dict]:
+    """(config class, model class, config kwargs) of a tiny target family."""
+    n = shape["num_hidden_layers"]
+    if family in ("qwen3", "llama"):
+        name = "Qwen3" if family == "qwen3" else "Llama"
+        return f"{name}Config", f"{name}ForCausalLM", shape
+    if family == "gemma4":
+        return "Gemma4TextConfig", "Gemma4ForCausalLM", shape
+    # Families below have no EAGLE-3 interface in vLLM (vllm_dflash.capture).
+    if family == "gemma3":
+        # Sliding layers and one global, as Gemma 3 interleaves them; vLLM's
+        # Gemma 3 always ties lm_head to the embeddings.
+        layer_types = ["sliding_attention"] * (n - 1) + ["full_attention"]
+        extra = dict(sliding_window=16, layer_types=layer_types)
+        return (
+            "Gemma3TextConfig",
+            "Gemma3ForCausalLM",
+            {**shape, **extra, "tie_word_embeddings": True},
+        )
+    if family == "mixtral":
+        extra = dict(num_local_experts=4, num_experts_per_tok=2)
+        return "MixtralConfig", "MixtralForCausalLM", {**shape, **extra}
+    if family == "gpt2":
+        # Blocks at transformer.h: outside the capture's reach.
+        gpt2 = dict(
+            n_embd=shape["hidden_size"],
+            n_layer=n,
+            n_head=shape["num_attention_heads"],
+            n_inner=shape["intermediate_size"],
+            n_positions=shape["max_position_embeddings"],
+            vocab_size=shape["vocab_size"],
+            bos_token_id=0,
+            eos_token_id=0,
+        )
+        return "GPT2Config", "GPT2LMHeadModel", gpt2
+    raise ValueError(
+        f"unknown tiny target family {family!r}: use qwen3, llama, gemma4, "
+        "gemma3, mixtral or gpt2"
+    )
+
+
 def build_target(
     path: Path, family: str = "qwen3", seed: int = 0, **overrides: Any
 ) -> Path:
-    """Save a random ``family`` ("qwen3", "llama" or "gemma4") target at
-    ``path``."""
+    """Save a random ``family`` target at ``path`` (see ``_family_config``)."""
     import torch
     import transformers
 
-    shape = {**(TINY_GEMMA4 if family == "gemma4" else TINY_TARGET), **overrides}
-    if family == "qwen3":
-        config: Any = transformers.Qwen3Config(**shape)
-        cls: Any = transformers.Qwen3ForCausalLM
-    elif family == "llama":
-        config = transformers.LlamaConfig(**shape)
-        cls = transformers.LlamaForCausalLM
-    elif family == "gemma4":
-        config = transformers.Gemma4TextConfig(**shape)
-        cls = transformers.Gemma4ForCausalLM
-    else:
-        raise ValueError(
-            f"unknown tiny target family {family!r}: use qwen3, llama or gemma4"
-        )
+    base = TINY_GEMMA4 if family == "gemma4" else TINY_TARGET
+    config_name, model_name, kwargs = _family_config(family, {**base, **overrides})
+    config: Any = getattr(transformers, config_name)(**kwargs)
     torch.manual_seed(seed)
-    model = cls(config).to(torch.float32)
+    model = getattr(transformers, model_name)(config).to(torch.float32)
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path, safe_serialization=True)
     return path
 
 
+_GPT2_NAMES = {
+    "hidden_size": "n_embd",
+    "num_attention_heads": "n_head",
+    "num_hidden_layers": "n_layer",
+    "max_position_embeddings": "n_positions",
+}
+
+
 def drafter_config(target_dir: Path, spec: TinyDrafter) -> dict[str, Any]:
     """A published-format DFlash ``config.json`` for the target at ``target_dir``."""
     target = json.loads((target_dir / "config.json").read_text())
+    for name, gpt2_name in _GPT2_NAMES.items():
+        if gpt2_name in target:
+            target.setdefault(name, target[gpt2_name])
     heads = target["num_attention_heads"]
     config: dict[str, Any] = {
         "architectures": ["DFlashDraftModel"],
