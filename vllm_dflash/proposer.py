@@ -443,11 +443,29 @@ def prepare_draft_config(vllm_config: compat.VllmConfig) -> DFlashDraftConfig:
         sched.max_num_seqs,
         int(spec.num_speculative_tokens),
     )
+    validate_draft_tp(
+        getattr(spec, "draft_tensor_parallel_size", None),
+        vllm_config.parallel_config.tensor_parallel_size,
+    )
     # The runner's EAGLE-3 capture reads this attribute before any DFlash
     # default. Setting it here makes the +1 convention ours on every vLLM
     # release (0.20 forgot the +1 and fed the previous layer's output).
     hf.eagle_aux_hidden_state_layer_ids = list(cfg.aux_layer_ids)
     return cfg
+
+
+def validate_draft_tp(draft_tp: int | None, target_tp: int) -> None:
+    """The drafter shards with the target: its layers run in the target's
+    tensor-parallel group and share the target's (sharded) embeddings and
+    lm_head, so a different draft TP would split its weights wrongly."""
+    if draft_tp is not None and draft_tp != target_tp:
+        raise DFlashConfigError(
+            "speculative_config.draft_tensor_parallel_size",
+            draft_tp,
+            f"vllm-dflash shards the drafter like the target "
+            f"(tensor_parallel_size={target_tp}); leave it unset or set it to "
+            f"{target_tp}.",
+        )
 
 
 def with_draft_attention(

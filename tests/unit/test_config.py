@@ -162,3 +162,14 @@ def test_checkpoint_shapes_cover_published_names() -> None:
     assert {"hidden_norm.weight", "norm.weight"} <= set(shapes)
     assert not any("embed_tokens" in n or "lm_head" in n for n in shapes)
     assert len(shapes) == 3 + 5 * 11
+
+
+def test_draft_tensor_parallel_size_must_follow_the_target() -> None:
+    from vllm_dflash.proposer import validate_draft_tp
+
+    validate_draft_tp(None, 2)
+    validate_draft_tp(2, 2)
+    with pytest.raises(DFlashConfigError) as err:
+        validate_draft_tp(1, 2)
+    assert "draft_tensor_parallel_size" in str(err.value)
+    assert "tensor_parallel_size=2" in str(err.value)
