@@ -19,6 +19,7 @@ afford (docs/benchmarks/README.md has the measurement).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -28,82 +29,64 @@ from vllm_dflash.compat import tl, triton
 PAD_SLOT = compat.PADDING_SLOT_ID
 
 
-def prepare_block(
-    *,
-    query_start_loc: torch.Tensor,  # [B+1] target query starts (int32)
-    target_positions: torch.Tensor,  # [N] (int64)
-    num_rejected: torch.Tensor,  # [B]
-    num_sampled: torch.Tensor,  # [B]
-    idx_mapping: torch.Tensor,  # [B] batch row -> request state row
-    last_sampled: torch.Tensor,  # [max_reqs, n] last sampled token(s)
-    next_prefill_tokens: torch.Tensor,  # [max_reqs]
-    block_tables: Sequence[torch.Tensor],  # per group [>=R, W] (int32)
-    kernel_block_sizes: Sequence[int],
-    slot_mappings: Sequence[torch.Tensor],  # per group [>=R*Q] (int64, out)
-    input_ids: torch.Tensor,  # [>=R*Q] (out)
-    positions: torch.Tensor,  # [>=R*Q] (out)
-    seq_lens: torch.Tensor,  # [>=R] (out)
-    block_query_start_loc: torch.Tensor,  # [>=R+1] (out)
-    num_reqs: int,
-    num_reqs_padded: int,
-    block_len: int,
-    mask_token_id: int,
-    max_model_len: int,
-) -> None:
+@dataclass
+class BlockInputs:
+    """What the block is derived from, and the static buffers it is written to."""
+
+    query_start_loc: torch.Tensor  # [B+1] target query starts (int32)
+    target_positions: torch.Tensor  # [N] (int64)
+    num_rejected: torch.Tensor  # [B]
+    num_sampled: torch.Tensor  # [B]
+    idx_mapping: torch.Tensor  # [B] batch row -> request state row
+    last_sampled: torch.Tensor  # [max_reqs, n] last sampled token(s)
+    next_prefill_tokens: torch.Tensor  # [max_reqs]
+    block_tables: Sequence[torch.Tensor]  # per group [>=R, W] (int32)
+    kernel_block_sizes: Sequence[int]
+    slot_mappings: Sequence[torch.Tensor]  # per group [>=R*Q] (int64, out)
+    input_ids: torch.Tensor  # [>=R*Q] (out)
+    positions: torch.Tensor  # [>=R*Q] (out)
+    seq_lens: torch.Tensor  # [>=R] (out)
+    block_query_start_loc: torch.Tensor  # [>=R+1] (out)
+    num_reqs: int
+    num_reqs_padded: int
+    block_len: int
+    mask_token_id: int
+    max_model_len: int
+
+
+def prepare_block(a: BlockInputs) -> None:
     """Fill the block's static input buffers (see the module docstring)."""
-    args = dict(locals())
-    if input_ids.is_cuda and compat.HAS_TRITON:
-        _prepare_block_triton(**args)
+    if a.input_ids.is_cuda and compat.HAS_TRITON:
+        prepare_block_triton(a)
     else:
-        _prepare_block_torch(**args)
+        prepare_block_torch(a)
 
 
-def _prepare_block_torch(
-    *,
-    query_start_loc: torch.Tensor,
-    target_positions: torch.Tensor,
-    num_rejected: torch.Tensor,
-    num_sampled: torch.Tensor,
-    idx_mapping: torch.Tensor,
-    last_sampled: torch.Tensor,
-    next_prefill_tokens: torch.Tensor,
-    block_tables: Sequence[torch.Tensor],
-    kernel_block_sizes: Sequence[int],
-    slot_mappings: Sequence[torch.Tensor],
-    input_ids: torch.Tensor,
-    positions: torch.Tensor,
-    seq_lens: torch.Tensor,
-    block_query_start_loc: torch.Tensor,
-    num_reqs: int,
-    num_reqs_padded: int,
-    block_len: int,
-    mask_token_id: int,
-    max_model_len: int,
-) -> None:
-    b, r, q = num_reqs, num_reqs_padded, block_len
-    device = input_ids.device
+def prepare_block_torch(a: BlockInputs) -> None:
+    b, r, q = a.num_reqs, a.num_reqs_padded, a.block_len
+    device = a.input_ids.device
     # Index one past each request's last accepted target token.
-    ends = query_start_loc[1 : b + 1].to(torch.int64) - num_rejected[:b].to(torch.int64)
-    last = target_positions[ends - 1].to(torch.int64)  # [B]
+    ends = a.query_start_loc[1 : b + 1].to(torch.int64)
+    ends = ends - a.num_rejected[:b].to(torch.int64)
+    last = a.target_positions[ends - 1].to(torch.int64)  # [B]
     pos = last[:, None] + 1 + torch.arange(q, device=device)  # [B, Q]
-    state = idx_mapping[:b].to(torch.int64)
+    state = a.idx_mapping[:b].to(torch.int64)
     # A request still in chunked prefill has sampled nothing: its block
     # starts from the next prompt token (its drafts are discarded).
-    sampled = last_sampled.view(last_sampled.shape[0], -1)[state, -1]
-    bonus = torch.where(
-        num_sampled[:b] > 0, sampled, next_prefill_tokens[state].to(torch.int64)
-    )
-    ids = input_ids[: b * q].view(b, q)
-    ids.fill_(mask_token_id)
+    sampled = a.last_sampled.view(a.last_sampled.shape[0], -1)[state, -1]
+    prefill = a.next_prefill_tokens[state].to(torch.int64)
+    bonus = torch.where(a.num_sampled[:b] > 0, sampled, prefill)
+    ids = a.input_ids[: b * q].view(b, q)
+    ids.fill_(a.mask_token_id)
     ids[:, 0] = bonus.to(ids.dtype)
-    positions[: b * q].copy_(pos.clamp(max=max_model_len - 1).view(-1))
-    seq_lens[:b].copy_(last + 1 + q)
-    seq_lens[b:r].fill_(0)
+    a.positions[: b * q].copy_(pos.clamp(max=a.max_model_len - 1).view(-1))
+    a.seq_lens[:b].copy_(last + 1 + q)
+    a.seq_lens[b:r].fill_(0)
     starts = torch.arange(r + 1, device=device).clamp(max=b) * q
-    block_query_start_loc[: r + 1].copy_(starts)
-    in_range = pos < max_model_len
+    a.block_query_start_loc[: r + 1].copy_(starts)
+    in_range = pos < a.max_model_len
     for table, size, out in zip(
-        block_tables, kernel_block_sizes, slot_mappings, strict=True
+        a.block_tables, a.kernel_block_sizes, a.slot_mappings, strict=True
     ):
         index = (pos // size).clamp(max=table.shape[1] - 1)
         slots = table[:b].gather(1, index).to(torch.int64) * size + pos % size
@@ -111,59 +94,38 @@ def _prepare_block_torch(
         out[b * q : r * q].fill_(PAD_SLOT)
 
 
-def _prepare_block_triton(
-    *,
-    query_start_loc: torch.Tensor,
-    target_positions: torch.Tensor,
-    num_rejected: torch.Tensor,
-    num_sampled: torch.Tensor,
-    idx_mapping: torch.Tensor,
-    last_sampled: torch.Tensor,
-    next_prefill_tokens: torch.Tensor,
-    block_tables: Sequence[torch.Tensor],
-    kernel_block_sizes: Sequence[int],
-    slot_mappings: Sequence[torch.Tensor],
-    input_ids: torch.Tensor,
-    positions: torch.Tensor,
-    seq_lens: torch.Tensor,
-    block_query_start_loc: torch.Tensor,
-    num_reqs: int,
-    num_reqs_padded: int,
-    block_len: int,
-    mask_token_id: int,
-    max_model_len: int,
-) -> None:
-    sampled = last_sampled.view(last_sampled.shape[0], -1)
+def prepare_block_triton(a: BlockInputs) -> None:
+    sampled = a.last_sampled.view(a.last_sampled.shape[0], -1)
     for group, (table, size, out) in enumerate(
-        zip(block_tables, kernel_block_sizes, slot_mappings, strict=True)
+        zip(a.block_tables, a.kernel_block_sizes, a.slot_mappings, strict=True)
     ):
-        _block_inputs_kernel[(num_reqs_padded,)](
-            query_start_loc,
-            target_positions,
-            num_rejected,
-            num_sampled,
-            idx_mapping,
+        _block_inputs_kernel[(a.num_reqs_padded,)](
+            a.query_start_loc,
+            a.target_positions,
+            a.num_rejected,
+            a.num_sampled,
+            a.idx_mapping,
             sampled,
             sampled.stride(0),
             sampled.shape[1],
-            next_prefill_tokens,
+            a.next_prefill_tokens,
             table,
             table.stride(0),
             table.shape[1],
             size,
             out,
-            input_ids,
-            positions,
-            seq_lens,
-            block_query_start_loc,
-            num_reqs,
-            num_reqs_padded,
-            block_len,
-            mask_token_id,
-            max_model_len,
+            a.input_ids,
+            a.positions,
+            a.seq_lens,
+            a.block_query_start_loc,
+            a.num_reqs,
+            a.num_reqs_padded,
+            a.block_len,
+            a.mask_token_id,
+            a.max_model_len,
             PAD=PAD_SLOT,
             WRITE_TOKENS=group == 0,
-            BLOCK=triton.next_power_of_2(block_len),
+            BLOCK=triton.next_power_of_2(a.block_len),
         )
 
 

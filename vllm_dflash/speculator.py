@@ -268,27 +268,31 @@ class DFlashSpeculator(compat.DraftModelSpeculator):
             self.ctx_slots[:, num_ctx:tokens].fill_(PAD_SLOT)
 
         kernels.prepare_block(
-            query_start_loc=input_batch.query_start_loc,
-            target_positions=input_batch.positions,
-            num_rejected=num_rejected,
-            num_sampled=num_sampled,
-            idx_mapping=input_batch.idx_mapping,
-            last_sampled=last_sampled,
-            next_prefill_tokens=next_prefill_tokens,
-            block_tables=[self.block_tables.input_block_tables[g] for g in self._gids],
-            kernel_block_sizes=[
-                self.block_tables.kernel_block_sizes[g] for g in self._gids
-            ],
-            slot_mappings=[self.block_tables.slot_mappings[g] for g in self._gids],
-            input_ids=self.input_buffers.input_ids,
-            positions=self.input_buffers.positions,
-            seq_lens=self.input_buffers.seq_lens,
-            block_query_start_loc=self.input_buffers.query_start_loc,
-            num_reqs=num_reqs,
-            num_reqs_padded=reqs,
-            block_len=q,
-            mask_token_id=self.draft_config.mask_token_id,
-            max_model_len=self.max_model_len,
+            kernels.BlockInputs(
+                query_start_loc=input_batch.query_start_loc,
+                target_positions=input_batch.positions,
+                num_rejected=num_rejected,
+                num_sampled=num_sampled,
+                idx_mapping=input_batch.idx_mapping,
+                last_sampled=last_sampled,
+                next_prefill_tokens=next_prefill_tokens,
+                block_tables=[
+                    self.block_tables.input_block_tables[g] for g in self._gids
+                ],
+                kernel_block_sizes=[
+                    self.block_tables.kernel_block_sizes[g] for g in self._gids
+                ],
+                slot_mappings=[self.block_tables.slot_mappings[g] for g in self._gids],
+                input_ids=self.input_buffers.input_ids,
+                positions=self.input_buffers.positions,
+                seq_lens=self.input_buffers.seq_lens,
+                block_query_start_loc=self.input_buffers.query_start_loc,
+                num_reqs=num_reqs,
+                num_reqs_padded=reqs,
+                block_len=q,
+                mask_token_id=self.draft_config.mask_token_id,
+                max_model_len=self.max_model_len,
+            )
         )
         metadata = self._block_metadata(input_batch, reqs, tokens)
         by_layer = compat.build_slot_mappings_by_layer(

@@ -20,13 +20,15 @@ KBS = 4  # kernel block size
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
-def _inputs(device: str, max_model_len: int, num_reqs_padded: int) -> dict:
+def _inputs(
+    device: str, max_model_len: int, num_reqs_padded: int
+) -> kernels.BlockInputs:
     # Request 0 verified 4 tokens at positions 10..13 (2 rejected); request 1
     # is a chunked prefill whose chunk ended at position 5 (nothing sampled).
     def t(values: list[int], dtype: torch.dtype = torch.int32) -> torch.Tensor:
         return torch.tensor(values, dtype=dtype, device=device)
 
-    return dict(
+    return kernels.BlockInputs(
         query_start_loc=t([0, 4, 5]),
         target_positions=t([10, 11, 12, 13, 5], torch.int64),
         num_rejected=t([2, 0]),
@@ -55,34 +57,32 @@ def _inputs(device: str, max_model_len: int, num_reqs_padded: int) -> dict:
 @pytest.mark.parametrize("device", DEVICES)
 def test_block_inputs_match_a_per_request_loop(device: str) -> None:
     args = _inputs(device, max_model_len=15, num_reqs_padded=2)
-    kernels.prepare_block(**args)
+    kernels.prepare_block(args)
     last = [11, 5]  # last accepted position per request
     bonus = [103, 201]  # last_sampled[state 3], next_prefill[state 1]
     for r in range(2):
         row = slice(r * Q, (r + 1) * Q)
-        assert args["input_ids"][row].tolist() == [bonus[r]] + [MASK] * K
+        assert args.input_ids[row].tolist() == [bonus[r]] + [MASK] * K
         want_pos = [last[r] + 1 + j for j in range(Q)]
-        assert args["positions"][row].tolist() == [min(p, 14) for p in want_pos]
-        assert args["seq_lens"][r].item() == last[r] + 1 + Q
-        for table, slots in zip(
-            args["block_tables"], args["slot_mappings"], strict=True
-        ):
+        assert args.positions[row].tolist() == [min(p, 14) for p in want_pos]
+        assert args.seq_lens[r].item() == last[r] + 1 + Q
+        for table, slots in zip(args.block_tables, args.slot_mappings, strict=True):
             blocks = table[r].tolist()
             want = [
                 blocks[p // KBS] * KBS + p % KBS if p < 15 else PAD_SLOT
                 for p in want_pos
             ]
             assert slots[row].tolist() == want
-    assert args["block_query_start_loc"][:3].tolist() == [0, Q, 2 * Q]
+    assert args.block_query_start_loc[:3].tolist() == [0, Q, 2 * Q]
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_padding_rows_attend_to_nothing(device: str) -> None:
     args = _inputs(device, max_model_len=64, num_reqs_padded=4)
-    kernels.prepare_block(**args)
-    assert args["block_query_start_loc"][:5].tolist() == [0, Q, 2 * Q, 2 * Q, 2 * Q]
-    assert args["seq_lens"][2:4].tolist() == [0, 0]
-    for slots in args["slot_mappings"]:
+    kernels.prepare_block(args)
+    assert args.block_query_start_loc[:5].tolist() == [0, Q, 2 * Q, 2 * Q, 2 * Q]
+    assert args.seq_lens[2:4].tolist() == [0, 0]
+    for slots in args.slot_mappings:
         assert (slots[2 * Q : 4 * Q] == PAD_SLOT).all()
         assert (slots[4 * Q :] == -7).all()  # beyond the graph: untouched
 
@@ -91,11 +91,11 @@ def test_padding_rows_attend_to_nothing(device: str) -> None:
 def test_triton_kernel_equals_the_torch_path() -> None:
     fused = _inputs("cuda", max_model_len=15, num_reqs_padded=4)
     plain = _inputs("cuda", max_model_len=15, num_reqs_padded=4)
-    kernels._prepare_block_triton(**fused)
-    kernels._prepare_block_torch(**plain)
+    kernels.prepare_block_triton(fused)
+    kernels.prepare_block_torch(plain)
     for name in ("input_ids", "positions", "seq_lens", "block_query_start_loc"):
-        assert torch.equal(fused[name], plain[name]), name
-    for a, b in zip(fused["slot_mappings"], plain["slot_mappings"], strict=True):
+        assert torch.equal(getattr(fused, name), getattr(plain, name)), name
+    for a, b in zip(fused.slot_mappings, plain.slot_mappings, strict=True):
         assert torch.equal(a, b)
 
 
