@@ -54,6 +54,9 @@ def register() -> None:
             version,
         )
 
+    # Refuses a bad DFlash config (or an unsupported vLLM) in the user's own
+    # process, before any worker starts.
+    patching.apply_on_import(patching.ENGINE_ARGS, patching.patch_engine_config_check)
     reason = support.unsupported_reason()
     if reason is not None:
         # Fail where DFlash is requested, not here: a server that does not use

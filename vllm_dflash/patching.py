@@ -20,6 +20,7 @@ _applied: set[str] = set()
 
 V1_RUNNER = "vllm.v1.worker.gpu_model_runner"
 VLLM_CONFIG = "vllm.config.vllm"
+ENGINE_ARGS = "vllm.engine.arg_utils"
 
 
 def patch_v1_runner_proposer(module: ModuleType) -> None:
@@ -72,6 +73,41 @@ def patch_runner_choice(module: ModuleType) -> None:
         return bool(original.fget(self))  # type: ignore[misc]
 
     cls.use_v2_model_runner = _RunnerChoice(use_v2_model_runner, doc=original.__doc__)
+
+
+def patch_engine_config_check(module: ModuleType) -> None:
+    """Ledger entry: DFlash configs are checked where the engine config is built.
+
+    Target:   ``vllm.engine.arg_utils.EngineArgs.create_engine_config``.
+    Why:      vLLM first builds the drafter in a worker; a refusal there ends
+              the output with "Engine core initialization failed. See root
+              cause above", the plugin's message buried ~100 lines up. vLLM
+              has no hook to validate a plugin's speculative method earlier.
+    How:      wrap the method: once vLLM has built the ``VllmConfig``, run
+              ``vllm_dflash.startup.check_engine_config`` on it (a no-op
+              unless the method is "dflash"); its error is then the last
+              line the user sees. Workers keep their own checks.
+    Upstream: none yet; the change needed is a config-time validation hook
+              for speculative methods (with the proposer registry).
+    Remove:   when vLLM validates plugin speculators at config time.
+    """
+    import functools
+
+    cls = module.EngineArgs
+    original = cls.__dict__.get("create_engine_config")
+    if original is None or getattr(original, "_vllm_dflash_checked", False):
+        return
+
+    @functools.wraps(original)
+    def create_engine_config(self: object, *args: object, **kwargs: object) -> object:
+        config = original(self, *args, **kwargs)
+        from vllm_dflash import startup
+
+        startup.check_engine_config(config)
+        return config
+
+    create_engine_config._vllm_dflash_checked = True  # type: ignore[attr-defined]
+    cls.create_engine_config = create_engine_config
 
 
 class _RunnerChoice(property):

@@ -29,13 +29,10 @@ import torch
 from torch.profiler import record_function
 
 from vllm_dflash import backend, compat
-from vllm_dflash.config import (
-    DFlashConfigError,
-    DFlashDraftConfig,
-    validate_token_budget,
-)
+from vllm_dflash.config import DFlashConfigError
 from vllm_dflash.log import get_logger
 from vllm_dflash.model import DFlashDraftModel
+from vllm_dflash.startup import prepare_draft_config
 
 logger = get_logger(__name__)
 
@@ -279,40 +276,3 @@ class DFlashProposer(compat.SpecDecodeBaseProposer):
                 input_ids=self.input_ids[:num_padded],
                 positions=self.positions[:num_padded],
             )
-
-
-def prepare_draft_config(vllm_config: compat.VllmConfig) -> DFlashDraftConfig:
-    """Resolve and validate the drafter against its target and the engine,
-    and point the target's hidden-state capture at the drafter's layers."""
-    spec = vllm_config.speculative_config
-    assert spec is not None and spec.draft_model_config is not None
-    hf = spec.draft_model_config.hf_config
-    cfg = DFlashDraftConfig.from_hf_config(hf)
-    target = vllm_config.model_config
-    cfg.validate(
-        target_hidden_size=target.get_hidden_size(),
-        target_vocab_size=target.get_vocab_size(),
-        target_num_layers=target.get_total_num_hidden_layers(),
-        num_speculative_tokens=int(spec.num_speculative_tokens),
-    )
-    if len({(layer.causal, layer.sliding_window) for layer in cfg.layers}) > 1:
-        # One attention-metadata group serves every draft layer here, so a
-        # mix would run some layers with the wrong mask: refuse it.
-        raise DFlashConfigError(
-            "layer_types",
-            list(getattr(hf, "layer_types", None) or []),
-            "This drafter mixes sliding/causal and full/non-causal layers, which "
-            "vllm-dflash 0.1 does not run yet (Gemma-4 drafters). Use a drafter "
-            "whose layers all attend alike.",
-        )
-    sched = vllm_config.scheduler_config
-    validate_token_budget(
-        sched.max_num_batched_tokens,
-        sched.max_num_seqs,
-        int(spec.num_speculative_tokens),
-    )
-    # The runner's EAGLE-3 capture reads this attribute before any DFlash
-    # default. Setting it here makes the +1 convention ours on every vLLM
-    # release (0.20 forgot the +1 and fed the previous layer's output).
-    hf.eagle_aux_hidden_state_layer_ids = list(cfg.aux_layer_ids)
-    return cfg
