@@ -68,6 +68,7 @@ def register() -> None:
     ModelRegistry.register_model(DRAFTER_ARCH, DRAFTER_CLASS)
     patching.apply_on_import(patching.V1_RUNNER, patching.patch_v1_runner_proposer)
     patching.apply_on_import(patching.VLLM_CONFIG, patching.patch_runner_choice)
+    patching.apply_on_import(patching.CPU_KERNELS, patching.patch_cpu_expand_kernel)
     if support.newer_than_tested():
         log.warning(
             "vllm-dflash %s is tested with %s; vLLM %s is newer. Please report "

@@ -71,6 +71,7 @@ print(json.dumps(dict(
         "proposer": "vllm_dflash.proposer",
         "hooks": [
             "vllm.engine.arg_utils",
+            "vllm.utils.cpu_triton_utils",
             "vllm.v1.worker.gpu_model_runner",
         ],
         "checked": True,
