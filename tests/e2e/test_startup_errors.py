@@ -234,6 +234,7 @@ def test_unsupported_vllm_is_refused_at_start(
     spec.env["PYTHONPATH"] = path
     with pytest.raises(EngineFailed) as info:
         run(spec, timeout=300)
+    assert info.value.returncode != 0
     tail = _last_lines(info.value.log)
     assert "the installed vLLM is 0.20.0 (too old)" in tail
     assert "Install a supported vLLM" in tail
