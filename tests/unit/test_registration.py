@@ -51,8 +51,11 @@ from vllm.model_executor.models.registry import _LazyRegisteredModel
 entry = ModelRegistry.models["DFlashDraftModel"]
 runner_loaded = "{RUNNER}" in sys.modules
 import {RUNNER} as runner
-hooks = [f.name for f in sys.meta_path if type(f).__name__ == "_PatchOnImport"]
+hooks = sorted(f.name for f in sys.meta_path if type(f).__name__ == "_PatchOnImport")
+from vllm.engine.arg_utils import EngineArgs
+checked = getattr(EngineArgs.create_engine_config, "_vllm_dflash_checked", False)
 print(json.dumps(dict(
+    checked=checked,
     heavy=heavy,
     arch=f"{{entry.module_name}}:{{entry.class_name}}",
     runner_loaded=runner_loaded,
@@ -66,8 +69,15 @@ print(json.dumps(dict(
         "arch": "vllm_dflash.model:DFlashDraftModel",
         "runner_loaded": False,
         "proposer": "vllm_dflash.proposer",
-        # One hook per runner: V2's speculator switch, V1's proposer name.
-        "hooks": ["vllm.v1.worker.gpu.spec_decode", "vllm.v1.worker.gpu_model_runner"],
+        # Sorted: engine-config check, CPU kernel fix, V2 speculator switch,
+        # V1 proposer name (vllm.config.vllm is imported already: no hook).
+        "hooks": [
+            "vllm.engine.arg_utils",
+            "vllm.utils.cpu_triton_utils",
+            "vllm.v1.worker.gpu.spec_decode",
+            "vllm.v1.worker.gpu_model_runner",
+        ],
+        "checked": True,
     }
 
 
