@@ -3,7 +3,9 @@
 vLLM calls :func:`register` (entry point ``vllm.general_plugins: dflash``) in
 every process it starts. Registration is cheap, idempotent and never touches
 CUDA: it names the drafter architecture lazily and arranges for the V1 model
-runner to build this package's proposer once that runner is imported.
+runner to build this package's proposer once that runner is imported (and,
+on vLLM 0.20, for the scheduler and attention selector fixes of
+``patching``).
 """
 
 from __future__ import annotations
@@ -66,6 +68,11 @@ def register() -> None:
     patching.apply_on_import(patching.V1_RUNNER, patching.patch_v1_runner_proposer)
     patching.apply_on_import(patching.VLLM_CONFIG, patching.patch_runner_choice)
     patching.apply_on_import(patching.V2_SPEC_DECODE, patching.patch_v2_speculator)
+    # vLLM 0.20 only (each patch checks its feature and stays out otherwise).
+    patching.apply_on_import(patching.SCHEDULER, patching.patch_scheduler_lookahead)
+    patching.apply_on_import(
+        patching.ATTENTION_SELECTOR, patching.patch_attention_selector
+    )
     if support.newer_than_tested():
         log.warning(
             "vllm-dflash %s is tested with %s; vLLM %s is newer. Please report "

@@ -66,8 +66,15 @@ print(json.dumps(dict(
         "arch": "vllm_dflash.model:DFlashDraftModel",
         "runner_loaded": False,
         "proposer": "vllm_dflash.proposer",
-        # One hook per runner: V2's speculator switch, V1's proposer name.
-        "hooks": ["vllm.v1.worker.gpu.spec_decode", "vllm.v1.worker.gpu_model_runner"],
+        # One hook per patched module, none imported yet: the vLLM 0.20 fixes
+        # (attention selector, scheduler), V2's speculator switch, V1's
+        # proposer name.
+        "hooks": [
+            "vllm.v1.attention.selector",
+            "vllm.v1.core.sched.scheduler",
+            "vllm.v1.worker.gpu.spec_decode",
+            "vllm.v1.worker.gpu_model_runner",
+        ],
     }
 
 
