@@ -218,7 +218,9 @@ def test_drafter_does_not_inherit_target_backend() -> None:
 def test_draft_backend_goes_to_env_where_spec_config_lacks_it(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.delenv("VLLM_DFLASH_DRAFT_ATTENTION_BACKEND", raising=False)
+    # setenv first: undo then removes what route_draft_attention_backend sets
+    monkeypatch.setenv("VLLM_DFLASH_DRAFT_ATTENTION_BACKEND", "")
+    monkeypatch.delenv("VLLM_DFLASH_DRAFT_ATTENTION_BACKEND")
     spec = {"method": "dflash", "attention_backend": "FLASH_ATTN"}
     assert support.route_draft_attention_backend(spec, {"attention_backend"}) is spec
     assert "VLLM_DFLASH_DRAFT_ATTENTION_BACKEND" not in os.environ
