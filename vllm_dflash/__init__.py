@@ -3,7 +3,9 @@
 vLLM calls :func:`register` (entry point ``vllm.general_plugins: dflash``) in
 every process it starts. Registration is cheap, idempotent and never touches
 CUDA: it names the drafter architecture lazily and arranges for the V1 model
-runner to build this package's proposer once that runner is imported.
+runner to build this package's proposer once that runner is imported (and,
+on vLLM 0.20, for the scheduler and attention selector fixes of
+``patching``).
 """
 
 from __future__ import annotations
@@ -72,6 +74,11 @@ def register() -> None:
     if envs.capture_enabled():
         patching.override_capture_architectures(ModelRegistry, version)
     patching.apply_on_import(patching.CPU_KERNELS, patching.patch_cpu_expand_kernel)
+    # vLLM 0.20 only (each patch checks its feature and stays out otherwise).
+    patching.apply_on_import(patching.SCHEDULER, patching.patch_scheduler_lookahead)
+    patching.apply_on_import(
+        patching.ATTENTION_SELECTOR, patching.patch_attention_selector
+    )
     if support.newer_than_tested():
         log.warning(
             "vllm-dflash %s is tested with %s; vLLM %s is newer. Please report "

@@ -20,8 +20,9 @@ from vllm_dflash.config import DFlashConfigError
 
 NON_CAUSAL_BACKENDS_HINT = (
     "FLASH_ATTN or FLEX_ATTENTION on CUDA (TRITON_ATTN and FLASHINFER from "
-    "vLLM 0.26), CPU_ATTN on CPU"
+    "vLLM 0.26), CPU_ATTN on CPU (from vLLM 0.26)"
 )
+SPEC_FIELD = "speculative_config.attention_backend"
 
 
 def requested_backend(speculative_config: Any) -> str | None:
@@ -45,13 +46,22 @@ def backend_class(name: str) -> type:
     return member.get_class()
 
 
-def check_non_causal(name: str, cls: type | None = None) -> None:
+def requested_field(speculative_config: Any) -> str:
+    """Where the requested backend came from, for error messages."""
+    if getattr(speculative_config, "attention_backend", None) is not None:
+        return SPEC_FIELD
+    return envs.DRAFT_ATTENTION_BACKEND
+
+
+def check_non_causal(
+    name: str, cls: type | None = None, *, field: str = SPEC_FIELD
+) -> None:
     """Refuse a drafter backend that cannot attend non-causally."""
     cls = cls or backend_class(name)
     supports = getattr(cls, "supports_non_causal", None)
     if supports is None or not supports():
         raise DFlashConfigError(
-            "speculative_config.attention_backend",
+            field,
             name,
             "The DFlash block is non-causal and this backend only runs causal "
             f"attention; choose {NON_CAUSAL_BACKENDS_HINT} (or "
@@ -63,7 +73,7 @@ def resolve(speculative_config: Any, *, needs_non_causal: bool) -> str | None:
     """Validate and return the requested drafter backend (None: vLLM picks)."""
     name = requested_backend(speculative_config)
     if name is not None and needs_non_causal:
-        check_non_causal(name)
+        check_non_causal(name, field=requested_field(speculative_config))
     return name
 
 

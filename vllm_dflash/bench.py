@@ -226,6 +226,8 @@ def _worker(spec: BenchSpec) -> list[BenchRow]:
 
     from vllm import LLM, SamplingParams
 
+    from vllm_dflash import support
+
     kwargs: dict[str, Any] = dict(
         model=spec.target,
         dtype=spec.dtype,
@@ -258,7 +260,9 @@ def _worker(spec: BenchSpec) -> list[BenchRow]:
             speculative["synthetic_acceptance_length"] = spec.tau
         if spec.draft_attention_backend:
             speculative["attention_backend"] = spec.draft_attention_backend
-        kwargs["speculative_config"] = speculative
+        kwargs["speculative_config"] = support.route_draft_attention_backend(
+            speculative
+        )
         kwargs["max_num_batched_tokens"] = max(
             8192, max(spec.batch_sizes) * (spec.k + 1)
         )

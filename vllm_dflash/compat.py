@@ -123,6 +123,7 @@ __all__ = [
     "init_logger",
     "kv_cache_update",
     "rope_kwargs",
+    "sample_draft_tokens",
     "set_forward_context",
     "set_model_tag",
     "supports_eagle3",
@@ -256,3 +257,19 @@ def runner_block_table(
         int(table.block_size),
         table.slot_mapping.gpu,
     )
+
+
+def sample_draft_tokens(
+    proposer: Any, hidden: torch.Tensor, sampling_metadata: Any
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Draft ids [M] for ``hidden`` [M, d], and their probabilities [M, vocab]
+    when vLLM samples drafts probabilistically (None: greedy drafts).
+
+    vLLM 0.20's ``SpecDecodeBaseProposer`` has no ``_sample_draft_tokens``
+    and always drafts greedily (``_greedy_sample``).
+    """
+    sample = getattr(proposer, "_sample_draft_tokens", None)
+    if sample is None:
+        return proposer._greedy_sample(hidden), None
+    drafts, probs = sample(hidden, sampling_metadata)
+    return drafts, probs

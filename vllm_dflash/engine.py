@@ -119,6 +119,8 @@ def run_in_process(spec: EngineSpec) -> EngineResult:
     import vllm
     from vllm import LLM, SamplingParams
 
+    from vllm_dflash import support
+
     kwargs: dict[str, Any] = dict(
         model=spec.target,
         dtype=spec.dtype,
@@ -131,12 +133,14 @@ def run_in_process(spec: EngineSpec) -> EngineResult:
         disable_log_stats=False,
     )
     if spec.drafter is not None:
-        kwargs["speculative_config"] = {
-            "method": "dflash",
-            "model": spec.drafter,
-            "num_speculative_tokens": spec.num_speculative_tokens,
-            **spec.speculative_extra,
-        }
+        kwargs["speculative_config"] = support.route_draft_attention_backend(
+            {
+                "method": "dflash",
+                "model": spec.drafter,
+                "num_speculative_tokens": spec.num_speculative_tokens,
+                **spec.speculative_extra,
+            }
+        )
     kwargs.update(spec.llm_kwargs)
     llm = LLM(**kwargs)
     params = SamplingParams(

@@ -10,8 +10,9 @@ travel here (or in the drafter's ``config.json``), never in
 
 ``VLLM_DFLASH_DRAFT_ATTENTION_BACKEND``
     Attention backend of the drafter only (e.g. ``FLASH_ATTN``), for vLLM
-    releases without ``speculative_config.attention_backend``. Where both are
-    set, the speculative config wins.
+    releases without ``speculative_config.attention_backend`` (0.20 ... 0.25).
+    Where both are set, the speculative config wins. Unset: vLLM chooses a
+    backend for the drafter that can run its block, never the target's.
 
 ``VLLM_DFLASH_CAPTURE``
     ``0`` leaves every target architecture as vLLM registered it. Default
@@ -41,9 +42,12 @@ def use_native() -> bool:
     return _flag("VLLM_DFLASH_USE_NATIVE")
 
 
+DRAFT_ATTENTION_BACKEND = "VLLM_DFLASH_DRAFT_ATTENTION_BACKEND"
+
+
 def draft_attention_backend() -> str | None:
     """The drafter's attention backend chosen through the environment."""
-    value = os.environ.get("VLLM_DFLASH_DRAFT_ATTENTION_BACKEND", "").strip()
+    value = os.environ.get(DRAFT_ATTENTION_BACKEND, "").strip()
     return value.upper() or None
 
 

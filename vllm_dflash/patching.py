@@ -7,14 +7,18 @@ never imports runner code on the plugin's behalf.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import dataclasses
 import functools
 import importlib.abc
 import importlib.machinery
 import importlib.util
 import inspect
+import re
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from types import ModuleType
 from typing import Any
 
@@ -26,6 +30,9 @@ VLLM_CONFIG = "vllm.config.vllm"
 V2_SPEC_DECODE = "vllm.v1.worker.gpu.spec_decode"
 ENGINE_ARGS = "vllm.engine.arg_utils"
 CPU_KERNELS = "vllm.utils.cpu_triton_utils"
+V2_SPECULATOR_BASE = "vllm.v1.worker.gpu.spec_decode.speculator"
+SCHEDULER = "vllm.v1.core.sched.scheduler"
+ATTENTION_SELECTOR = "vllm.v1.attention.selector"
 
 
 def patch_v1_runner_proposer(module: ModuleType) -> None:
@@ -84,7 +91,18 @@ def patch_v2_speculator(module: ModuleType) -> None:
 
 
 def _v2_interface_supported(init_speculator: Callable[..., Any]) -> bool:
-    return len(inspect.signature(init_speculator).parameters) == 2
+    # vLLM 0.20 has a two-argument init_speculator too, but no
+    # DraftModelSpeculator for the plugin's speculator to build on.
+    return len(inspect.signature(init_speculator).parameters) == 2 and (
+        _module_exists(V2_SPECULATOR_BASE)
+    )
+
+
+def _module_exists(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def v2_speculator_available() -> bool:
@@ -284,6 +302,175 @@ def patch_vllm_config(module: ModuleType) -> None:
     """Every patch of ``vllm.config.vllm`` (one import hook per module)."""
     patch_runner_choice(module)
     patch_multi_kv_group_check(module)
+
+
+# --- vLLM 0.20: scheduler lookahead ----------------------------------------
+
+_OWN_LOOKAHEAD = re.compile(r"self\.num_lookahead_tokens\s*=\s*self\.num_spec_tokens\b")
+_K_PLUS_1 = re.compile(r"num_spec(?:ulative)?_tokens\s*\+\s*1\b")
+_NO_FIRST_PREFILL_LOOKAHEAD = re.compile(
+    r"0\s+if\s+request\.num_computed_tokens\s*==\s*0\s+else\s+self\.num_lookahead_tokens"
+)
+
+
+def scheduler_lacks_dflash_lookahead(scheduler_source: str) -> bool:
+    """Feature test on the text of ``vllm/v1/core/sched/scheduler.py``: the
+    scheduler derives its lookahead from K itself and never reserves K + 1
+    (vLLM 0.20). vLLM 0.26 adds K + 1 for DFlash there; later releases read
+    ``vllm_config.num_lookahead_tokens`` (K + 1 for DFlash)."""
+    return bool(_OWN_LOOKAHEAD.search(scheduler_source)) and not _K_PLUS_1.search(
+        scheduler_source
+    )
+
+
+def scheduler_skips_first_prefill_lookahead(scheduler_source: str) -> bool:
+    """Feature test: a new request's first step gets no lookahead slots, though
+    the drafter runs in that step (vLLM 0.20; 0.26 skips them only while KV
+    loads asynchronously)."""
+    return bool(_NO_FIRST_PREFILL_LOOKAHEAD.search(scheduler_source))
+
+
+def patch_scheduler_lookahead(module: ModuleType) -> None:
+    """Ledger entry: the scheduler reserves the DFlash block's KV slots.
+
+    Target:   ``vllm.v1.core.sched.scheduler.Scheduler.__init__`` (method) and
+              the ``allocate_slots`` of the scheduler's KV-cache manager (per
+              instance); acts in the engine-core process, which loads plugins
+              too.
+    Why:      the DFlash block ``[next token, MASK x K]`` writes K/V at the
+              K + 1 positions after a request's accepted tokens, in every step,
+              the first (prefill) step included. vLLM 0.20 reserves K slots
+              (as for EAGLE) and none in a new request's first step. The
+              block's K/V then land wherever the block table's unused entries
+              point (another request's draft KV included) and acceptance drops
+              without an error.
+    How:      after vLLM's ``__init__``, when the method is "dflash": raise
+              ``num_lookahead_tokens`` to K + 1, and make ``allocate_slots``
+              add the lookahead where the scheduler passes none, unless the
+              request's KV loads asynchronously (vLLM 0.26's rule). Each part
+              is installed only where its feature test finds the defect.
+    Upstream: vllm-project/vllm#42971 (K + 1 for DFlash) and #43733 (lookahead
+              in the first step), both in 0.26.0.
+    Remove:   when the oldest supported vLLM has both fixes
+              (``tests/unit/test_patch_ledger.py`` fails then).
+    """
+    try:
+        source = inspect.getsource(module)
+    except (OSError, TypeError):
+        source = None  # no source to test: install both, each checks values
+    k_plus_1 = source is None or scheduler_lacks_dflash_lookahead(source)
+    first_step = source is None or scheduler_skips_first_prefill_lookahead(source)
+    if k_plus_1 or first_step:
+        wrap_scheduler_init(module.Scheduler, first_step=first_step)
+
+
+def wrap_scheduler_init(cls: Any, *, first_step: bool) -> None:
+    """Make ``cls.__init__`` reserve K + 1 lookahead slots for DFlash (and, with
+    ``first_step``, in a request's first step too)."""
+    original = cls.__init__
+    if getattr(original, "_vllm_dflash", False):
+        return
+
+    @functools.wraps(original)
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        original(self, *args, **kwargs)
+        spec = getattr(self.vllm_config, "speculative_config", None)
+        if getattr(spec, "method", None) != "dflash":
+            return
+        lookahead = max(self.num_lookahead_tokens, self.num_spec_tokens + 1)
+        self.num_lookahead_tokens = lookahead
+        if first_step:
+            manager = self.kv_cache_manager
+            manager.allocate_slots = _with_lookahead(manager.allocate_slots, lookahead)
+
+    __init__._vllm_dflash = True  # type: ignore[attr-defined]
+    cls.__init__ = __init__
+
+
+def _with_lookahead(allocate_slots: Callable[..., Any], lookahead: int) -> Any:
+    @functools.wraps(allocate_slots)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if not kwargs.get("num_lookahead_tokens") and not kwargs.get(
+            "delay_cache_blocks"
+        ):
+            kwargs["num_lookahead_tokens"] = lookahead
+        return allocate_slots(*args, **kwargs)
+
+    return wrapper
+
+
+# --- vLLM 0.20: non-causal attention only for the drafter -------------------
+
+_draft_non_causal: contextvars.ContextVar[bool | None] = contextvars.ContextVar(
+    "vllm_dflash_draft_non_causal", default=None
+)
+
+
+@contextlib.contextmanager
+def drafter_attention(non_causal: bool) -> Iterator[None]:
+    """Attention layers built inside are the drafter's: they get a backend
+    that can run non-causally when ``non_causal`` (see
+    ``patch_attention_selector``; without the patch this changes nothing)."""
+    token = _draft_non_causal.set(non_causal)
+    try:
+        yield
+    finally:
+        _draft_non_causal.reset(token)
+
+
+def selector_forces_non_causal(attention_config_fields: Iterable[str]) -> bool:
+    """Feature test: ``AttentionConfig`` cannot say which layers are non-causal
+    (no ``use_non_causal`` field), so vLLM's selector derives it from the
+    speculative method for every layer, the target's included."""
+    return "use_non_causal" not in set(attention_config_fields)
+
+
+def patch_attention_selector(module: ModuleType) -> None:
+    """Ledger entry: only the drafter's attention must support non-causal.
+
+    Target:   ``vllm.v1.attention.selector._cached_get_attn_backend`` (module
+              global, called by ``get_attn_backend`` for every layer).
+    Why:      vLLM 0.20's ``get_attn_backend`` sets ``use_non_causal`` whenever
+              the speculative method is "dflash", for the target's layers too.
+              A target on TRITON_ATTN (forced for Gemma 4's mixed head sizes)
+              then stops at start-up: "Selected backend TRITON_ATTN is not
+              valid for this configuration. Reason: ['non-causal attention not
+              supported']", although the target only ever runs causally.
+    How:      wrap the function: ``use_non_causal`` is what
+              ``drafter_attention`` says while the plugin builds its drafter,
+              False otherwise. Not installed where ``AttentionConfig`` has a
+              ``use_non_causal`` field (vLLM >= 0.26: set for the drafter only).
+    Upstream: vllm-project/vllm, ``AttentionConfig.use_non_causal`` set by the
+              DFlash proposer for its own config (in 0.26.0).
+    Remove:   when the oldest supported vLLM has
+              ``AttentionConfig.use_non_causal``.
+    """
+    from vllm.config.attention import AttentionConfig
+
+    if selector_forces_non_causal(f.name for f in dataclasses.fields(AttentionConfig)):
+        wrap_selector(module)
+
+
+def wrap_selector(module: ModuleType) -> None:
+    """Make the selector module's backend choice non-causal only for layers
+    built inside ``drafter_attention(non_causal=True)``."""
+    original = module._cached_get_attn_backend
+    if getattr(original, "_vllm_dflash", False):
+        return
+
+    @functools.wraps(original)
+    def _cached_get_attn_backend(
+        backend: Any, attn_selector_config: Any, num_heads: int | None = None
+    ) -> Any:
+        non_causal = bool(_draft_non_causal.get())
+        if attn_selector_config.use_non_causal != non_causal:
+            attn_selector_config = attn_selector_config._replace(
+                use_non_causal=non_causal
+            )
+        return original(backend, attn_selector_config, num_heads)
+
+    _cached_get_attn_backend._vllm_dflash = True  # type: ignore[attr-defined]
+    module._cached_get_attn_backend = _cached_get_attn_backend  # type: ignore[attr-defined]
 
 
 class _PatchingLoader(importlib.abc.Loader):

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch.profiler import record_function
 
-from vllm_dflash import backend, capture, compat, startup
+from vllm_dflash import backend, capture, compat, patching, startup
 from vllm_dflash.config import DFlashConfigError, DFlashDraftConfig
 from vllm_dflash.log import get_logger
 from vllm_dflash.model import DFlashDraftModel
@@ -92,15 +92,26 @@ class DFlashProposer(compat.SpecDecodeBaseProposer):
 
     # -- construction -------------------------------------------------------
     def _create_draft_vllm_config(self) -> compat.VllmConfig:
+        # Never the target's backend: vLLM 0.20's base config keeps it (a
+        # TRITON_ATTN target would give a drafter that cannot run the block).
         return with_draft_attention(
-            super()._create_draft_vllm_config(), self._block_causal, self._backend
+            text_only(super()._create_draft_vllm_config()),
+            self._block_causal,
+            self._backend,
+            inherit_backend=False,
         )
+
+    def _raise_if_multimodal(self) -> None:
+        # vLLM 0.20's base refuses multimodal targets (Gemma 4) for drafters
+        # with extra input slots; the plugin drafts from text tokens only.
+        pass
 
     def load_model(self, target_model: torch.nn.Module) -> None:
         layers_of = compat.get_layers_from_vllm_config
         base_cls = compat.AttentionLayerBase
         target_layers = set(layers_of(self.vllm_config, base_cls))  # type: ignore[type-abstract]
-        self.model = self._get_model()
+        with patching.drafter_attention(non_causal=not self._block_causal):
+            self.model = self._get_model()
         attach_to_target(self.model, target_model, self.num_speculative_tokens)
         all_layers = layers_of(self.vllm_config, base_cls)  # type: ignore[type-abstract]
         self._draft_attn_layer_names = {
@@ -194,7 +205,8 @@ class DFlashProposer(compat.SpecDecodeBaseProposer):
     @torch.inference_mode()
     def propose(
         self,
-        num_speculative_tokens: int,
+        num_speculative_tokens: int | None = None,  # absent in vLLM 0.20's call
+        *,
         target_token_ids: torch.Tensor,
         target_positions: torch.Tensor,
         target_hidden_states: torch.Tensor,
@@ -218,7 +230,9 @@ class DFlashProposer(compat.SpecDecodeBaseProposer):
         )
         self.stats.context_tokens += num_ctx
         batch = cad.num_reqs
-        k = min(num_speculative_tokens, self.block_len - 1)
+        k = self.block_len - 1
+        if num_speculative_tokens is not None:
+            k = min(num_speculative_tokens, k)
         self._last_draft_probs = None
         if k == 0:
             return torch.empty(batch, 0, dtype=torch.int64, device=self.device)
@@ -257,8 +271,8 @@ class DFlashProposer(compat.SpecDecodeBaseProposer):
         # [B*Q, d] -> slots 1..k of every block -> [B*k, d]
         hidden = hidden[:num_block].view(batch, self.block_len, -1)[:, 1 : k + 1]
         with record_function("dflash.sample"):
-            drafts, probs = self._sample_draft_tokens(
-                hidden.reshape(batch * k, -1), sampling_metadata
+            drafts, probs = compat.sample_draft_tokens(
+                self, hidden.reshape(batch * k, -1), sampling_metadata
             )
         if probs is not None:
             self._last_draft_probs = probs.view(batch, k, -1).contiguous()
@@ -424,16 +438,27 @@ def prepare_draft_config(vllm_config: compat.VllmConfig) -> DFlashDraftConfig:
 
 
 def with_draft_attention(
-    draft_vllm_config: compat.VllmConfig, block_causal: bool, backend_name: str | None
+    draft_vllm_config: compat.VllmConfig,
+    block_causal: bool,
+    backend_name: str | None,
+    *,
+    inherit_backend: bool = True,
 ) -> compat.VllmConfig:
-    """The drafter's config: attention chosen for the block, not the target."""
+    """The drafter's config: attention chosen for the block, not the target.
+
+    With no ``backend_name``, ``inherit_backend=False`` lets vLLM choose the
+    drafter's backend instead of keeping the one in ``draft_vllm_config``.
+    """
     changes: dict[str, Any] = {}
+    if backend_name is not None or not inherit_backend:
+        changes["backend"] = (
+            None if backend_name is None else backend.backend_enum(backend_name)
+        )
     fields = {f.name for f in dataclasses.fields(draft_vllm_config.attention_config)}
     if "use_non_causal" in fields:
-        # Makes vLLM's selector pick a backend that can run the block.
+        # Makes vLLM's selector pick a backend that can run the block (vLLM
+        # 0.20 lacks the field: ``patching.patch_attention_selector``).
         changes["use_non_causal"] = not block_causal
-    if backend_name is not None:
-        changes["backend"] = backend.backend_enum(backend_name)
     if not changes:
         return draft_vllm_config
     return dataclasses.replace(
@@ -442,6 +467,26 @@ def with_draft_attention(
             draft_vllm_config.attention_config, **changes
         ),
     )
+
+
+def text_only(draft_vllm_config: compat.VllmConfig) -> compat.VllmConfig:
+    """The drafter's config without the target's multimodal-prefix flag.
+
+    A target whose text attends bidirectionally over image tokens (Gemma 4:
+    ``use_bidirectional_attention: "vision"``) makes every attention layer
+    built under its model config ask for "mm prefix" support, which
+    FLASH_ATTN lacks before FA4: the drafter, which never sees image spans,
+    would be refused FLASH_ATTN. The target's own model config is not touched.
+    """
+    model_config = draft_vllm_config.model_config
+    arch: Any = getattr(model_config, "model_arch_config", None)
+    if not getattr(arch, "is_mm_prefix_lm", False):
+        return draft_vllm_config
+    text_model_config = copy.copy(model_config)
+    text_model_config.model_arch_config = dataclasses.replace(
+        arch, is_mm_prefix_lm=False
+    )
+    return dataclasses.replace(draft_vllm_config, model_config=text_model_config)
 
 
 def attach_to_target(

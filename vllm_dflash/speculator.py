@@ -40,6 +40,7 @@ from vllm_dflash.proposer import (
     ProposerStats,
     attach_to_target,
     prepare_draft_config,
+    text_only,
     with_draft_attention,
 )
 
@@ -83,14 +84,21 @@ class DFlashSpeculator(compat.DraftModelSpeculator):
     # -- construction -------------------------------------------------------
     @property
     def attn_vllm_config(self) -> compat.VllmConfig:
-        return with_draft_attention(self.vllm_config, self._block_causal, None)
+        return with_draft_attention(
+            text_only(self.vllm_config), self._block_causal, None
+        )
 
     def load_draft_model(
         self, target_model: torch.nn.Module, target_attn_layer_names: set[str]
     ) -> DFlashDraftModel:
         spec = self.speculative_config
+        # Never the target's backend, and no multimodal-prefix flag from a
+        # Gemma-4 target (it would refuse FLASH_ATTN for the drafter).
         config = with_draft_attention(
-            self.vllm_config, self._block_causal, self._backend
+            text_only(self.vllm_config),
+            self._block_causal,
+            self._backend,
+            inherit_backend=False,
         )
         if spec.kv_cache_dtype is not None:
             config = dataclasses.replace(

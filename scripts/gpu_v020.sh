@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# vLLM 0.20.0 on the lent H200: native DFlash next to the plugin.
+#
+# Pack and move vLLM 0.20 first (../shared/device/README.md):
+#   python3 ../shared/device/pack_vllm.py .device/vllm-0.20.0 --vllm 0.20.0
+#   bash .device/vllm-0.20.0/part-1/stash.sh          # one command each,
+#   bash .device/vllm-0.20.0/part-2/stash.sh          # back to back
+#   bash .device/vllm-0.20.0/part-3/stash.sh && bash .device/vllm-0.20.0/part-3/install-vllm.sh \
+#     && bash scripts/gpu_v020.sh install
+# then, one command each (each fits the 10-minute limit):
+#   bash scripts/gpu_v020.sh checks        # lossless + the TRITON_ATTN start-up, tiny Qwen3
+#   bash scripts/gpu_v020.sh bench-qwen3   # none / native / plugin, Qwen3-8B shape
+#   bash scripts/gpu_v020.sh bench-gemma4  # none / native / plugin, Gemma-4-26B-A4B shape
+#
+# What to expect on 0.20 (see docs/vllm-0.20.md): every engine runs the V1
+# runner (0.20 refuses VLLM_USE_V2_MODEL_RUNNER with DFlash). Native DFlash
+# cannot start when the target runs TRITON_ATTN ("Selected backend TRITON_ATTN
+# is not valid for this configuration. Reason: ['non-causal attention not
+# supported']"): the checks' native16_v2 job and bench-gemma4's native mode
+# fail with it, and this script saves that line. The plugin runs both.
+# bench-gemma4 needs the gemma4-26b-a4b preset and Gemma drafter support
+# (another branch); without them it stops at the preset or the drafter check.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH=/tmp/site VLLM_USE_FLASHINFER_SAMPLER=0
+OUT=${OUT:-/tmp/out}
+WORK=/tmp/dflash-v020
+mkdir -p "$OUT" "$WORK"
+NATIVE_ERROR="non-causal attention not supported"
+
+save_native_error() {  # $1: log to search, $2: name of the saved line
+  if grep -m1 -h "$NATIVE_ERROR" "$1" > "$OUT/$2" 2>/dev/null; then
+    echo "native DFlash failed as expected on 0.20: $(cut -c1-240 "$OUT/$2")"
+  else
+    echo "native DFlash: no '$NATIVE_ERROR' line in $1"
+  fi
+}
+
+case "${1:-}" in
+  install)
+    python3 -m pip install --no-deps --no-build-isolation -q -e . > "$OUT/pip.log" 2>&1
+    python3 -c 'import vllm, torch, vllm_dflash; print("vllm", vllm.__version__, "torch", torch.__version__, "plugin", vllm_dflash.__version__)'
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+    ;;
+  checks)
+    # plain32/plugin32_v1: fp32 FLEX_ATTENTION target and drafter, output must
+    # be identical. plain16/plugin16_v2/native16_v2: bf16, target TRITON_ATTN,
+    # drafter FLASH_ATTN (through VLLM_DFLASH_DRAFT_ATTENTION_BACKEND on 0.20);
+    # the "_v2" names come from 0.26, on 0.20 these run V1.
+    GPU_CHECKS_ONLY=plain32,plugin32_v1,plain16,plugin16_v2,native16_v2 \
+      timeout 560 python3 scripts/gpu_checks.py "$WORK/checks" > "$OUT/checks.log" 2>&1
+    echo "checks rc=$? (1 is expected: native16_v2 cannot start on 0.20)"
+    cp "$WORK/checks/gpu_checks.json" "$OUT/" 2>/dev/null
+    save_native_error "$OUT/checks.log" native_triton_error.txt
+    python3 - "$OUT/gpu_checks.json" <<'EOF'
+import json, sys
+r = json.load(open(sys.argv[1]))
+print("failed engines:", r.get("failed"))
+print("fp32 plugin identical to no speculation:", r.get("fp32_flex_v1_identical"))
+print("bf16 split plugin first divergence:", r.get("bf16_split_plugin16_v2_first_divergence"))
+print("vLLM", r.get("vllm_version"))
+EOF
+    ;;
+  bench-qwen3)
+    timeout 570 vllm-dflash bench --preset qwen3-8b --modes none,native,plugin \
+      --batch-sizes 1,8,32 --out "$WORK/bench-qwen3" > "$OUT/bench-qwen3.log" 2>&1
+    echo "bench-qwen3 rc=$?"
+    cp "$WORK/bench-qwen3/bench.json" "$OUT/bench-qwen3.json" 2>/dev/null
+    cp "$WORK/bench-qwen3/bench.png" "$OUT/bench-qwen3.png" 2>/dev/null
+    tail -n 12 "$OUT/bench-qwen3.log"
+    ;;
+  bench-gemma4)
+    timeout 570 vllm-dflash bench --preset gemma4-26b-a4b --modes none,native,plugin \
+      --attention-backend TRITON_ATTN --draft-attention-backend FLASH_ATTN \
+      --batch-sizes 1,8 --output-len 512 --out "$WORK/bench-gemma4" \
+      > "$OUT/bench-gemma4.log" 2>&1
+    echo "bench-gemma4 rc=$? (1 is expected: native cannot start on 0.20)"
+    cp "$WORK/bench-gemma4/bench.json" "$OUT/bench-gemma4.json" 2>/dev/null
+    cp "$WORK/bench-gemma4/bench.png" "$OUT/bench-gemma4.png" 2>/dev/null
+    for m in native plugin; do
+      tail -c 20000 "$WORK/bench-gemma4/$m.log" > "$OUT/gemma4-$m.log" 2>/dev/null
+    done
+    save_native_error "$WORK/bench-gemma4/native.log" native_gemma4_error.txt
+    tail -n 12 "$OUT/bench-gemma4.log"
+    ;;
+  *)
+    echo "usage: bash scripts/gpu_v020.sh install|checks|bench-qwen3|bench-gemma4" >&2
+    exit 2
+    ;;
+esac
