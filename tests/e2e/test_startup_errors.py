@@ -225,9 +225,9 @@ def test_real_start_ends_with_the_plugins_message(
 def test_unsupported_vllm_is_refused_at_start(
     models: dict[str, Path], tmp_path: Path
 ) -> None:
-    # vLLM reports itself as 0.20.0 in the engine's process.
+    # vLLM reports itself as 0.19.1 (older than supported) in the engine's process.
     (tmp_path / "sitecustomize.py").write_text(
-        "import vllm\nvllm.__version__ = '0.20.0'\n"
+        "import vllm\nvllm.__version__ = '0.19.1'\n"
     )
     path = os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])
     spec = _spec(models, models["qwen3-draft-a"], Case([]))
@@ -236,5 +236,5 @@ def test_unsupported_vllm_is_refused_at_start(
         run(spec, timeout=300)
     assert info.value.returncode != 0
     tail = _last_lines(info.value.log)
-    assert "the installed vLLM is 0.20.0 (too old)" in tail
+    assert "the installed vLLM is 0.19.1 (too old)" in tail
     assert "Install a supported vLLM" in tail

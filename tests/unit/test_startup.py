@@ -93,12 +93,12 @@ def test_other_methods_are_not_checked() -> None:
 def test_unsupported_vllm_is_refused_when_dflash_is_asked(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(support, "vllm_version", lambda: "0.20.0")
+    monkeypatch.setattr(support, "vllm_version", lambda: "0.19.1")
     reason = support.unsupported_reason()
     assert reason is not None
-    assert "0.20.0" in reason and ">= 0.26" in reason and "VLLM_PLUGINS" in reason
+    assert "0.19.1" in reason and ">= 0.20" in reason and "VLLM_PLUGINS" in reason
     dflash = SimpleNamespace(speculative_config=SimpleNamespace(method="dflash"))
-    with pytest.raises(UnsupportedVLLMError, match=r"installed vLLM is 0\.20\.0"):
+    with pytest.raises(UnsupportedVLLMError, match=r"installed vLLM is 0\.19\.1"):
         startup.check_engine_config(dflash)
 
 
