@@ -34,6 +34,8 @@ class EngineSpec:
     llm_kwargs: dict[str, Any] = field(default_factory=dict)
     env: dict[str, str] = field(default_factory=dict)
     ignore_eos: bool = True
+    stop_token_ids: list[list[int]] | None = None
+    """Per prompt: token ids that end that prompt's output (kept in it)."""
     warmup: bool = False
     worker_hook: str | None = None
     """"module:function" called as ``function(worker, phase)`` in the worker,
@@ -122,16 +124,21 @@ def run_in_process(spec: EngineSpec) -> EngineResult:
         }
     kwargs.update(spec.llm_kwargs)
     llm = LLM(**kwargs)
-    params = SamplingParams(
-        max_tokens=spec.max_tokens,
-        temperature=spec.temperature,
-        seed=spec.seed if spec.temperature > 0 else None,
-        ignore_eos=spec.ignore_eos,
-        detokenize=False,
-    )
+    stops = spec.stop_token_ids or [[] for _ in spec.prompts]
+    params = [
+        SamplingParams(
+            max_tokens=spec.max_tokens,
+            temperature=spec.temperature,
+            seed=spec.seed if spec.temperature > 0 else None,
+            ignore_eos=spec.ignore_eos,
+            stop_token_ids=stop,
+            detokenize=False,
+        )
+        for stop in stops
+    ]
     inputs: Any = [{"prompt_token_ids": p} for p in spec.prompts]
     if spec.warmup:
-        llm.generate(inputs[:1], params, use_tqdm=False)
+        llm.generate(inputs[:1], params[:1], use_tqdm=False)
     if spec.worker_hook:
         llm.collective_rpc(_call_hook, args=(spec.worker_hook, "before"))
     start = time.perf_counter()

@@ -12,11 +12,17 @@ travel here (or in the drafter's ``config.json``), never in
     Attention backend of the drafter only (e.g. ``FLASH_ATTN``), for vLLM
     releases without ``speculative_config.attention_backend``. Where both are
     set, the speculative config wins.
+
+``VLLM_DFLASH_CACHE_DIR``
+    Where ``vllm-dflash demo`` keeps the tiny target and the drafter trained
+    for it (built once per recipe and version). Default
+    ``$XDG_CACHE_HOME/vllm-dflash`` or ``~/.cache/vllm-dflash``.
 """
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"", "0", "false", "no", "off"}
@@ -40,3 +46,12 @@ def draft_attention_backend() -> str | None:
     """The drafter's attention backend chosen through the environment."""
     value = os.environ.get("VLLM_DFLASH_DRAFT_ATTENTION_BACKEND", "").strip()
     return value.upper() or None
+
+
+def cache_dir() -> Path:
+    """Folder for models vllm-dflash builds once and reuses (the demo's)."""
+    explicit = os.environ.get("VLLM_DFLASH_CACHE_DIR", "").strip()
+    if explicit:
+        return Path(explicit)
+    base = os.environ.get("XDG_CACHE_HOME", "").strip() or Path.home() / ".cache"
+    return Path(base) / "vllm-dflash"
