@@ -95,7 +95,6 @@ class TrainConfig:
 
 @dataclass
 class TrainResult:
-    output: str
     steps: int
     loss: float
     """Mean training loss over the last eval interval."""
@@ -130,15 +129,16 @@ def train_layer_ids(num_target_layers: int, count: int) -> list[int]:
     usable = num_target_layers - 1  # ids 0 .. L-2
     if count > usable:
         raise DFlashConfigError(
-            "--num-target-layers",
+            "--num-layers",
             count,
-            f"The target has {num_target_layers} layers; at most {usable} can "
-            "be read (the last one is excluded).",
+            f"One target layer per draft layer by default, but the target has "
+            f"{num_target_layers} layers of which {usable} can be read (not "
+            "the last); use fewer draft layers or give --target-layer-ids.",
         )
-    start, end = 1, max(1, num_target_layers - 3)
-    if end - start + 1 < count:  # tiny target: widen to L-2, then down to 0
+    start, end = 1, num_target_layers - 3
+    if end - start + 1 < count:  # small target: widen to L-2, then down to 0
         end = num_target_layers - 2
-        start = max(0, end - count + 1) if end - start + 1 < count else start
+        start = min(1, end - count + 1)
     if count == 1:
         return [(start + end) // 2]
     step = (end - start) / (count - 1)
@@ -492,6 +492,44 @@ def _resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return getattr(torch, name)
 
 
+def training_text(
+    cfg: TrainConfig,
+    target: Target,
+    draft_cfg: DFlashDraftConfig,
+    rng: random.Random,
+) -> list[Sequence]:
+    """Prompts and the target's greedy continuations, shuffled; with their
+    target features when the whole set fits in ``FEATURE_CACHE_BYTES``."""
+    prompts = (
+        read_prompts(cfg.data, cfg.target)
+        if cfg.data
+        else sample_prompts(
+            cfg.num_prompts,
+            draft_cfg.vocab_size,
+            draft_cfg.mask_token_id,
+            cfg.prompt_len,
+            cfg.seed,
+        )
+    )
+    seqs = [
+        s
+        for s in target.greedy(prompts, cfg.new_tokens)
+        if len(s.ids) - s.prompt_len >= cfg.block_size
+    ]
+    if len(seqs) < 2:
+        raise DFlashConfigError(
+            "--new-tokens",
+            cfg.new_tokens,
+            f"Only {len(seqs)} sequences continue for a whole block "
+            f"({cfg.block_size} tokens); give more prompts or more new tokens.",
+        )
+    rng.shuffle(seqs)
+    width = draft_cfg.fc_input_size * 4  # bytes per token in float32
+    if sum(len(s.ids) for s in seqs) * width <= FEATURE_CACHE_BYTES:
+        precompute_features(target, seqs, list(draft_cfg.target_layer_ids))
+    return seqs
+
+
 def train(cfg: TrainConfig) -> TrainResult:
     """Run the recipe and write the drafter to ``cfg.output``."""
     start_time = time.perf_counter()
@@ -523,33 +561,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     gamma = cfg.gamma or default_gamma(cfg.block_size)
 
     target = Target(cfg.target, device, _resolve_dtype(cfg.target_dtype, device))
-    prompts = (
-        read_prompts(cfg.data, cfg.target)
-        if cfg.data
-        else sample_prompts(
-            cfg.num_prompts,
-            draft_cfg.vocab_size,
-            draft_cfg.mask_token_id,
-            cfg.prompt_len,
-            cfg.seed,
-        )
-    )
-    seqs = [
-        s
-        for s in target.greedy(prompts, cfg.new_tokens)
-        if len(s.ids) - s.prompt_len >= cfg.block_size
-    ]
-    if len(seqs) < 2:
-        raise DFlashConfigError(
-            "--new-tokens",
-            cfg.new_tokens,
-            f"Only {len(seqs)} sequences continue for a whole block "
-            f"({cfg.block_size} tokens); give more prompts or more new tokens.",
-        )
-    rng.shuffle(seqs)
-    width = draft_cfg.fc_input_size * 4  # bytes per token in float32
-    if sum(len(s.ids) for s in seqs) * width <= FEATURE_CACHE_BYTES:
-        precompute_features(target, seqs, layer_ids)
+    seqs = training_text(cfg, target, draft_cfg, rng)
     n_held = max(1, round(len(seqs) * cfg.heldout))
     held, train_seqs = seqs[:n_held], seqs[n_held:]
 
@@ -601,7 +613,6 @@ def train(cfg: TrainConfig) -> TrainResult:
     bar.close()
 
     result = TrainResult(
-        output=cfg.output,
         steps=cfg.steps,
         loss=sum(recent) / len(recent),
         heldout_acceptance=held_out.tau,
@@ -665,6 +676,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gamma", type=float, help="slot-weight decay (default 7*(B-1)/15)")
     p.add_argument("--data", help="JSONL of prompts (default: sampled token ids)")
     p.add_argument("--num-prompts", type=int, default=d.num_prompts)
+    p.add_argument(
+        "--prompt-len",
+        type=_ints,
+        default=list(d.prompt_len),
+        help="LO,HI length range of sampled prompts",
+    )
     p.add_argument("--new-tokens", type=int, default=d.new_tokens)
     p.add_argument("--eval-every", type=int, default=d.eval_every)
     p.add_argument("--device", default=d.device, help="cpu, cuda, cuda:1 ...")
@@ -689,6 +706,7 @@ def train_command(args: argparse.Namespace) -> int:
         gamma=args.gamma,
         data=args.data,
         num_prompts=args.num_prompts,
+        prompt_len=(args.prompt_len[0], args.prompt_len[-1]),
         new_tokens=args.new_tokens,
         eval_every=args.eval_every,
         device=args.device,
@@ -698,7 +716,7 @@ def train_command(args: argparse.Namespace) -> int:
     )
     result = train(cfg)
     print(
-        f"drafter written to {result.output}: {result.steps} steps in "
+        f"drafter written to {cfg.output}: {result.steps} steps in "
         f"{result.elapsed_s:.0f}s, loss {result.loss:.3f}, held-out acceptance "
         f"length {result.heldout_acceptance:.2f} (K={cfg.block_size - 1}, "
         f"{result.heldout_blocks} blocks), target layers {result.target_layer_ids}"

@@ -29,6 +29,7 @@ from vllm_dflash.train import (
     accepted_runs,
     drafter_hf_config,
     make_batch,
+    read_prompts,
     train_layer_ids,
     walk_acceptance,
     weighted_loss,
@@ -132,7 +133,7 @@ def test_train_layer_ids(layers: int, count: int, expected: list[int]) -> None:
 
 
 def test_train_layer_ids_refuses_more_layers_than_usable() -> None:
-    with pytest.raises(DFlashConfigError, match="at most 3"):
+    with pytest.raises(DFlashConfigError, match="3 can be read"):
         train_layer_ids(4, 4)
 
 
@@ -187,3 +188,12 @@ def test_greedy_text_and_labels(tiny_pair: tuple[Path, Path]) -> None:
     batch = make_batch([seq], [[4, 15]], block_size=8, device=torch.device("cpu"))
     assert batch.labels[0, 0].tolist() == list(range(15, 22))
     assert batch.labels[0, 1].tolist() == [26, 27, 28, 29, -100, -100, -100]
+
+
+def test_read_prompts(tmp_path: Path) -> None:
+    data = tmp_path / "prompts.jsonl"
+    data.write_text('{"prompt_token_ids": [5, 6, 7]}\n\n{"prompt_token_ids": [9]}\n')
+    assert read_prompts(str(data), str(tmp_path)) == [[5, 6, 7], [9]]
+    data.write_text('{"text": "hello"}\n')
+    with pytest.raises(DFlashConfigError, match="line 1"):
+        read_prompts(str(data), str(tmp_path))
