@@ -288,6 +288,12 @@ def read_prompts(path: str, tokenizer_dir: str) -> list[list[int]]:
         if "prompt_token_ids" in row:
             prompts.append([int(t) for t in row["prompt_token_ids"]])
             continue
+        if "prompt" not in row and "messages" not in row:
+            raise DFlashConfigError(
+                f"--data line {n}",
+                sorted(row),
+                'Each line needs "prompt_token_ids", "prompt" or "messages".',
+            )
         if tokenizer is None:
             import transformers
 
@@ -297,14 +303,8 @@ def read_prompts(path: str, tokenizer_dir: str) -> list[list[int]]:
                 row["messages"], add_generation_prompt=True, tokenize=True
             )
             prompts.append(list(getattr(ids, "input_ids", ids)))
-        elif "prompt" in row:
-            prompts.append(tokenizer(row["prompt"])["input_ids"])
         else:
-            raise DFlashConfigError(
-                f"--data line {n}",
-                sorted(row),
-                'Each line needs "prompt_token_ids", "prompt" or "messages".',
-            )
+            prompts.append(tokenizer(row["prompt"])["input_ids"])
     return prompts
 
 
