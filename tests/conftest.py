@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -33,3 +34,14 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
             seed=2,
         )
     return out
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tiny.TrainedPair:
+    """A tiny target and a drafter trained for it (``tiny.TINY_RECIPE``,
+    seeded): drafts are really accepted. Built once per session in a fresh
+    cache folder (``trained.target.parent.parent``), or reused from
+    ``$VLLM_DFLASH_CACHE_DIR`` when that is set."""
+    explicit = os.environ.get("VLLM_DFLASH_CACHE_DIR")
+    cache = Path(explicit) if explicit else tmp_path_factory.mktemp("dflash-cache")
+    return tiny.trained_pair(cache, progress=False)

@@ -18,11 +18,17 @@ travel here (or in the drafter's ``config.json``), never in
     ``0`` leaves every target architecture as vLLM registered it. Default
     ``1``: architectures whose vLLM class cannot return intermediate hidden
     states (``vllm_dflash.capture.CAPTURE_ARCHS``) get the plugin's capture.
+
+``VLLM_DFLASH_CACHE_DIR``
+    Where ``vllm-dflash demo`` keeps the tiny target and the drafter trained
+    for it (built once per recipe and version). Default
+    ``$XDG_CACHE_HOME/vllm-dflash`` or ``~/.cache/vllm-dflash``.
 """
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"", "0", "false", "no", "off"}
@@ -56,3 +62,12 @@ def capture_enabled() -> bool:
     if "VLLM_DFLASH_CAPTURE" not in os.environ:
         return True
     return _flag("VLLM_DFLASH_CAPTURE")
+
+
+def cache_dir() -> Path:
+    """Folder for models vllm-dflash builds once and reuses (the demo's)."""
+    explicit = os.environ.get("VLLM_DFLASH_CACHE_DIR", "").strip()
+    if explicit:
+        return Path(explicit)
+    base = os.environ.get("XDG_CACHE_HOME", "").strip() or Path.home() / ".cache"
+    return Path(base) / "vllm-dflash"

@@ -115,9 +115,23 @@ def _family_config(family: str, shape: dict[str, Any]) -> tuple[str, str, dict]:
 
 
 def build_target(
-    path: Path, family: str = "qwen3", seed: int = 0, **overrides: Any
+    path: Path,
+    family: str = "qwen3",
+    seed: int = 0,
+    successor_cycles: tuple[int, int] | None = None,
+    **overrides: Any,
 ) -> Path:
-    """Save a random ``family`` target at ``path`` (see ``_family_config``)."""
+    """Save a random ``family`` target at ``path`` (see ``_family_config``).
+
+    ``successor_cycles=(lo, hi)`` gives the target a toy language: a random
+    permutation of the vocabulary made of cycles of lo..hi tokens, and
+    ``lm_head`` rows set to the embedding rows of each token's predecessor,
+    and the embeddings scaled up so the layers never overturn it: the greedy
+    next token of ``x`` is its successor. Greedy text then walks one
+    cycle: predictable from context, as real text is, so a drafter can learn
+    it in a CPU minute. A plain random target's greedy text depends on its
+    whole context in ways a tiny drafter cannot learn that fast.
+    """
     import torch
     import transformers
 
@@ -126,6 +140,16 @@ def build_target(
     config: Any = getattr(transformers, config_name)(**kwargs)
     torch.manual_seed(seed)
     model = getattr(transformers, model_name)(config).to(torch.float32)
+    if successor_cycles is not None:
+        succ = successor_permutation(config.vocab_size, successor_cycles, seed)
+        pred = torch.empty_like(succ)
+        pred[succ] = torch.arange(len(succ))
+        with torch.no_grad():
+            # Embeddings 4x the init scale, so the residual stream keeps the
+            # current token in front of what the random layers add.
+            embed = model.get_input_embeddings().weight
+            embed.mul_(4.0)
+            model.get_output_embeddings().weight.copy_(embed[pred])
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path, safe_serialization=True)
     return path
@@ -137,6 +161,26 @@ _GPT2_NAMES = {
     "num_hidden_layers": "n_layer",
     "max_position_embeddings": "n_positions",
 }
+
+
+def successor_permutation(vocab: int, cycle_lengths: tuple[int, int], seed: int) -> Any:
+    """succ[x]: a random permutation of range(vocab) made of cycles whose
+    lengths are drawn from ``cycle_lengths`` (inclusive)."""
+    import random
+
+    import torch
+
+    rng = random.Random(seed)
+    order = list(range(vocab))
+    rng.shuffle(order)
+    succ = torch.empty(vocab, dtype=torch.long)
+    start = 0
+    while start < vocab:
+        cycle = order[start : start + rng.randint(*cycle_lengths)]
+        for i, token in enumerate(cycle):
+            succ[token] = cycle[(i + 1) % len(cycle)]
+        start += len(cycle)
+    return succ
 
 
 def drafter_config(target_dir: Path, spec: TinyDrafter) -> dict[str, Any]:
@@ -395,3 +439,88 @@ def build_echo_drafter(
         {k: v.contiguous() for k, v in tensors.items()}, str(path / "model.safetensors")
     )
     return path
+
+
+# The tiny trained drafter (the demo's and the tests'): its target has a toy
+# language of successor cycles (see build_target), and the recipe is small
+# enough to train on two CPU cores in about a minute.
+TINY_CYCLES = (3, 12)
+# Part of the cache key: bump when the code that builds the pair changes.
+TINY_REVISION = 1
+TINY_RECIPE: dict[str, Any] = dict(
+    num_layers=2,
+    block_size=8,
+    intermediate_size=256,
+    steps=300,
+    lr=3e-3,
+    batch_size=16,
+    blocks_per_seq=16,
+    num_prompts=256,
+    new_tokens=96,
+    prompt_len=(2, 96),
+    eval_every=100,
+    seed=0,
+)
+
+
+@dataclass
+class TrainedPair:
+    target: Path
+    drafter: Path
+    result: dict[str, Any]
+    """``TrainResult`` fields of the run that built the drafter."""
+
+
+def trained_pair(cache: Path, progress: bool = True) -> TrainedPair:
+    """The tiny Qwen3 target (with ``TINY_CYCLES``) and a drafter trained for
+    it with ``TINY_RECIPE``, built once under ``cache`` (keyed by the recipe,
+    the target's shape and the versions that shape the result) and reused."""
+    import hashlib
+    import os
+    import shutil
+    import tempfile
+
+    import torch
+    import transformers
+
+    from vllm_dflash import __version__
+    from vllm_dflash.train import RESULT_FILE, TrainConfig, train
+
+    key = json.dumps(
+        [
+            TINY_RECIPE,
+            TINY_TARGET,
+            TINY_CYCLES,
+            TINY_REVISION,
+            __version__,
+            torch.__version__,
+            transformers.__version__,
+        ],
+        sort_keys=True,
+        default=str,
+    )
+    final = cache / f"tiny-trained-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+    if not (final / "drafter" / RESULT_FILE).exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=".building-", dir=cache))
+        try:
+            target = build_target(
+                work / "target", family="qwen3", successor_cycles=TINY_CYCLES
+            )
+            train(
+                TrainConfig(
+                    target=str(target),
+                    output=str(work / "drafter"),
+                    progress=progress,
+                    **TINY_RECIPE,
+                )
+            )
+            try:
+                os.replace(work, final)  # atomic; another builder may have won
+            except OSError:
+                if not (final / "drafter" / RESULT_FILE).exists():
+                    raise
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    result = json.loads((final / "drafter" / RESULT_FILE).read_text())["result"]
+    return TrainedPair(final / "target", final / "drafter", result)
