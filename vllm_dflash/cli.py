@@ -86,8 +86,8 @@ def _report(plain: EngineResult, dflash: EngineResult, same: bool) -> None:
     print(f"  plain decoding : {plain.tokens_per_s:8.1f} tok/s")
     print(f"  DFlash (plugin): {dflash.tokens_per_s:8.1f} tok/s")
     print(
-        "  (tiny CPU models: each step costs about the same with or without "
-        "drafts, so tokens/s shows little; see docs/benchmarks for GPU figures)"
+        "  (tiny models on CPU: tokens/s mostly measures per-step overheads; "
+        "see docs/benchmarks for GPU figures)"
     )
 
 

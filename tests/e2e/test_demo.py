@@ -27,7 +27,7 @@ def test_demo_reports_identical_outputs(trained: tiny.TrainedPair) -> None:
             "--num-prompts",
             "3",
             "--max-tokens",
-            "24",
+            "48",
         ],
         capture_output=True,
         text=True,
