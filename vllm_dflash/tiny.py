@@ -34,29 +34,23 @@ TINY_TARGET: dict[str, Any] = dict(
 # Gemma-4 shape in miniature: sliding layers (head_dim 32) and a global layer
 # with another head_dim (64) and k=v, a small MoE beside the dense MLP, tied
 # embeddings scaled by sqrt(hidden) in the model, final logit soft cap 30.
-TINY_GEMMA4: dict[str, Any] = dict(
-    hidden_size=128,
-    intermediate_size=256,
-    num_hidden_layers=4,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=32,
-    global_head_dim=64,
-    num_global_key_value_heads=1,
-    attention_k_eq_v=True,
-    layer_types=["sliding_attention"] * 3 + ["full_attention"],
-    sliding_window=16,
-    final_logit_softcapping=30.0,
-    hidden_size_per_layer_input=0,
-    enable_moe_block=True,
-    num_experts=4,
-    top_k_experts=2,
-    moe_intermediate_size=64,
-    vocab_size=512,
-    max_position_embeddings=2048,
-    rms_norm_eps=1e-6,
-    tie_word_embeddings=True,
-)
+TINY_GEMMA4: dict[str, Any] = {
+    # The tiny target's sizes (Gemma 4 takes its RoPE from its own defaults),
+    **{k: v for k, v in TINY_TARGET.items() if k != "rope_theta"},
+    # then what makes it Gemma 4.
+    "global_head_dim": 64,
+    "num_global_key_value_heads": 1,
+    "attention_k_eq_v": True,
+    "layer_types": ["sliding_attention"] * 3 + ["full_attention"],
+    "sliding_window": 16,
+    "final_logit_softcapping": 30.0,
+    "hidden_size_per_layer_input": 0,
+    "enable_moe_block": True,
+    "num_experts": 4,
+    "top_k_experts": 2,
+    "moe_intermediate_size": 64,
+    "tie_word_embeddings": True,
+}
 
 
 @dataclass
