@@ -19,6 +19,15 @@ travel here (or in the drafter's ``config.json``), never in
     ``1``: architectures whose vLLM class cannot return intermediate hidden
     states (``vllm_dflash.capture.CAPTURE_ARCHS``) get the plugin's capture.
 
+``VLLM_DFLASH_ADAPTIVE_K``
+    ``1``: the plugin chooses how many of the ``num_speculative_tokens``
+    drafts to verify in each step (0 included), from the batch size, the
+    measured per-position acceptance and the measured step time
+    (``vllm_dflash.adaptive``); ``num_speculative_tokens`` is the maximum.
+    Default ``0``: always ``num_speculative_tokens``. Ignored where the user
+    gives ``num_speculative_tokens_per_batch_size`` (vLLM's static schedule)
+    and on vLLM releases without dynamic speculative decoding (< 0.26).
+
 ``VLLM_DFLASH_CACHE_DIR``
     Where ``vllm-dflash demo`` keeps the tiny target and the drafter trained
     for it (built once per recipe and version). Default
@@ -71,3 +80,17 @@ def cache_dir() -> Path:
         return Path(explicit)
     base = os.environ.get("XDG_CACHE_HOME", "").strip() or Path.home() / ".cache"
     return Path(base) / "vllm-dflash"
+
+
+ADAPTIVE_K = "VLLM_DFLASH_ADAPTIVE_K"
+
+
+def adaptive_k() -> bool:
+    """Whether the plugin chooses the number of drafts per step
+    (``vllm_dflash.adaptive``) instead of always ``num_speculative_tokens``."""
+    if ADAPTIVE_K not in os.environ:
+        return ADAPTIVE_K_DEFAULT
+    return _flag(ADAPTIVE_K)
+
+
+ADAPTIVE_K_DEFAULT = False

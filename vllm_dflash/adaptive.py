@@ -1,0 +1,274 @@
+"""Adaptive draft length: the number of drafts verified per step, chosen each step.
+
+A DFlash drafter proposes a whole block in one forward pass, so its own cost
+barely depends on K; what K changes is the target's verify pass, which reads
+``batch x (1 + K)`` tokens. At batch 1 that pass is bound by weight reads and
+16 tokens cost about as much as 1; at batch 32 (or on an MoE target, where
+more tokens wake more experts) it is compute-bound and every rejected draft
+token is paid for. A fixed K is right for one load only.
+
+The policy here picks ``K`` from a small candidate set (``candidate_ks``) to
+maximise expected output tokens per second:
+
+    throughput(b, K) = b * (1 + E[accepted | K]) / T(b, K)
+
+- ``E[accepted | K]`` comes from per-position *conditional* acceptance rates
+  (``AcceptanceEstimate``), counted from every verified request with
+  exponential forgetting toward a prior, so positions the policy stopped
+  verifying drift back to the prior and get tried again.
+- ``T(b, K)`` is the measured wall time of a decode step whose verify pass
+  read about ``b x (1 + K)`` tokens (``StepCost``, bins on a sqrt(2) grid):
+  the time between consecutive outputs of the engine, which in steady state
+  is one step of target verify + drafting + host work. Each bin a decision
+  needs is measured before it is trusted (``min_samples`` steps, from the
+  largest K down; bins are shared across batch sizes, so this is a handful
+  of steps per engine), and the best choice's neighbours are re-measured
+  every ``refresh_every`` decisions of a batch bucket.
+
+K = 0 (no drafting) is a candidate, so at a load where speculation cannot pay
+the policy stops speculating. The choice is lossless whatever it is: vLLM
+verifies whatever was drafted.
+
+The scheduler consults the policy through vLLM's dynamic speculative decoding
+hook (``Scheduler.dynamic_sd_lookup[batch_size]``), see
+``patching.patch_scheduler_adaptive``; the V2 runner captures a CUDA graph per
+candidate K from the schedule ``capture_schedule`` writes into the speculative
+config.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+
+from vllm_dflash.log import get_logger
+
+# A token bin is measured this many times before the policy trusts it, and
+# the best choice's neighbours are re-measured every REFRESH_EVERY decisions
+# of a batch bucket.
+MIN_SAMPLES = 2
+REFRESH_EVERY = 64
+# Steps whose outputs arrive further apart than this were not back to back
+# (the engine idled): their interval says nothing about the step's cost.
+MAX_STEP_GAP_S = 2.0
+
+
+def candidate_ks(k_max: int) -> tuple[int, ...]:
+    """K values the policy chooses from: 0, 1, 3, 7, 15, ... up to ``k_max``,
+    and ``k_max`` itself (a CUDA graph is captured for each)."""
+    if k_max < 1:
+        raise ValueError(f"num_speculative_tokens={k_max}: adaptive K needs >= 1.")
+    ks = {0, k_max}
+    k = 1
+    while k < k_max:
+        ks.add(k)
+        k = 2 * k + 1
+    return tuple(sorted(ks))
+
+
+def capture_schedule(k_max: int) -> list[tuple[int, int, int]]:
+    """A ``num_speculative_tokens_per_batch_size`` value that names every
+    candidate K, so that vLLM's runner captures a graph for each. The batch
+    ranges are placeholders: ``patch_scheduler_adaptive`` replaces the lookup
+    the scheduler builds from them with the policy."""
+    ks = sorted(candidate_ks(k_max), reverse=True)
+    schedule = [(i + 1, i + 1, k) for i, k in enumerate(ks[:-1])]
+    schedule.append((len(ks), 1 << 20, ks[-1]))
+    return schedule
+
+
+def batch_bucket(batch: int) -> int:
+    """Batch sizes 1..4 are their own bucket; larger ones round up to a power
+    of two (for the decision statistics and re-measurement cadence)."""
+    if batch <= 4:
+        return max(batch, 1)
+    return 1 << (batch - 1).bit_length()
+
+
+def token_bin(num_tokens: int) -> int:
+    """Bins of the verify pass's token count on a sqrt(2) grid: a step's cost
+    depends mostly on how many tokens the target reads, so batch 1 at K 15
+    and batch 8 at K 1 share what was measured."""
+    return round(2 * math.log2(max(num_tokens, 1)))
+
+
+@dataclass
+class AcceptanceEstimate:
+    """Per-position conditional acceptance ``P(draft i accepted | drafts
+    1..i-1 accepted)`` from decayed counts with a prior of ``prior_weight``
+    pseudo-observations at ``prior``."""
+
+    k_max: int
+    prior: float = 0.7
+    prior_weight: float = 2.0
+    decay: float = 0.998
+    tried: list[float] = field(default_factory=list)
+    accepted: list[float] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.tried = [0.0] * self.k_max
+        self.accepted = [0.0] * self.k_max
+
+    def observe(self, num_drafts: int, num_accepted: int) -> None:
+        """One verified request: ``num_drafts`` drafts, the first
+        ``num_accepted`` of them accepted."""
+        for i in range(self.k_max):
+            self.tried[i] *= self.decay
+            self.accepted[i] *= self.decay
+        # Positions 1..accepted were accepted; position accepted+1 (if it was
+        # drafted) was tried and rejected; later ones were never looked at.
+        for i in range(min(num_accepted + 1, num_drafts, self.k_max)):
+            self.tried[i] += 1.0
+            if i < num_accepted:
+                self.accepted[i] += 1.0
+
+    def conditional(self) -> list[float]:
+        w, p = self.prior_weight, self.prior
+        return [
+            (a + w * p) / (t + w) for a, t in zip(self.accepted, self.tried, strict=True)
+        ]
+
+    def expected_accepted(self, k: int) -> float:
+        """E[accepted drafts | K = k] = sum over i <= k of P(first i accepted)."""
+        total, run = 0.0, 1.0
+        for rate in self.conditional()[:k]:
+            run *= rate
+            total += run
+        return total
+
+
+@dataclass
+class StepCost:
+    """Exponential moving average of decode-step seconds per token bin of the
+    verify pass (``batch x (1 + K)`` tokens)."""
+
+    weight: float = 0.25
+    seconds: dict[int, float] = field(default_factory=dict)
+    samples: Counter[int] = field(default_factory=Counter)
+
+    def observe(self, num_tokens: int, seconds: float) -> None:
+        key = token_bin(num_tokens)
+        old = self.seconds.get(key)
+        self.seconds[key] = (
+            seconds if old is None else old + self.weight * (seconds - old)
+        )
+        self.samples[key] += 1
+
+    def estimate(self, num_tokens: int) -> float | None:
+        return self.seconds.get(token_bin(num_tokens))
+
+    def count(self, num_tokens: int) -> int:
+        return self.samples[token_bin(num_tokens)]
+
+
+class AdaptiveDraftLength:
+    """Chooses K per step; used by the scheduler as ``dynamic_sd_lookup``.
+
+    ``policy[batch_size]`` returns the number of drafts to propose for the
+    next step. ``observe_request`` and ``observe_step_output`` feed it what the
+    scheduler sees of each verified step.
+    """
+
+    def __init__(
+        self,
+        k_max: int,
+        *,
+        min_samples: int = MIN_SAMPLES,
+        refresh_every: int = REFRESH_EVERY,
+        acceptance: AcceptanceEstimate | None = None,
+    ) -> None:
+        self.k_max = k_max
+        self.ks = candidate_ks(k_max)
+        self.min_samples = min_samples
+        self.refresh_every = refresh_every
+        self.acceptance = acceptance or AcceptanceEstimate(k_max)
+        self.cost = StepCost()
+        self.decisions: Counter[tuple[int, int]] = Counter()
+        self._per_bucket: Counter[int] = Counter()
+        self._last_output_s: float | None = None
+
+    # -- the decision -----------------------------------------------------
+    def __getitem__(self, batch: int) -> int:
+        k = self.choose(batch)
+        self.decisions[(batch_bucket(batch), k)] += 1
+        return k
+
+    def __len__(self) -> int:  # vLLM only indexes; keep list-like anyway
+        return 1 << 20
+
+    def choose(self, batch: int) -> int:
+        bucket = batch_bucket(batch)
+        # Measure every candidate first, largest K first (the configured one).
+        for k in reversed(self.ks):
+            if self.cost.count(batch * (1 + k)) < self.min_samples:
+                return k
+        best = max(self.ks, key=lambda k: self.throughput(batch, k))
+        self._per_bucket[bucket] += 1
+        n = self._per_bucket[bucket]
+        if n % self.refresh_every == 0:
+            # Re-measure a neighbour of the best, alternating below and above.
+            i = self.ks.index(best)
+            j = i + 1 if (n // self.refresh_every) % 2 else i - 1
+            if 0 <= j < len(self.ks):
+                return self.ks[j]
+        return best
+
+    def throughput(self, batch: int, k: int) -> float:
+        """Expected output tokens per second at this batch with K = k."""
+        seconds = self.cost.estimate(batch * (1 + k))
+        if seconds is None or seconds <= 0:
+            return 0.0
+        return batch * (1.0 + self.acceptance.expected_accepted(k)) / seconds
+
+    # -- what the scheduler reports --------------------------------------
+    def observe_request(self, num_drafts: int, num_accepted: int) -> None:
+        if num_drafts > 0:
+            self.acceptance.observe(num_drafts, num_accepted)
+
+    def observe_step_output(
+        self,
+        num_scheduled_tokens: dict[str, int],
+        scheduled_drafts: dict[str, list[int]],
+        now: float,
+    ) -> None:
+        """Called as each step's output reaches the scheduler: the interval
+        since the previous output is this step's cost, if the step was a pure
+        decode step (every request ran 1 + its drafts) with one K for all."""
+        last, self._last_output_s = self._last_output_s, now
+        if last is None or not num_scheduled_tokens:
+            return
+        seconds = now - last
+        if not 0 < seconds < MAX_STEP_GAP_S:
+            return
+        ks = {len(scheduled_drafts.get(r, ())) for r in num_scheduled_tokens}
+        if len(ks) != 1:
+            return
+        (k,) = ks
+        if k not in self.ks or any(
+            n != 1 + k for n in num_scheduled_tokens.values()
+        ):
+            return  # a prefill or a request clipped at max_model_len
+        self.cost.observe(len(num_scheduled_tokens) * (1 + k), seconds)
+
+    def summary(self) -> str:
+        """One line: K chosen per batch bucket (most frequent) and E[accepted]."""
+        by_bucket: dict[int, Counter[int]] = {}
+        for (bucket, k), n in self.decisions.items():
+            by_bucket.setdefault(bucket, Counter())[k] += n
+        parts = [
+            f"batch<={b}: K {c.most_common(1)[0][0]} ({sum(c.values())} steps)"
+            for b, c in sorted(by_bucket.items())
+        ]
+        rates = ", ".join(f"{r:.2f}" for r in self.acceptance.conditional()[:8])
+        return "; ".join(parts) + f"; conditional acceptance [{rates}, ...]"
+
+
+def log_summary(policy: AdaptiveDraftLength) -> None:
+    get_logger(__name__).info("vllm-dflash adaptive K: %s", policy.summary())
+
+
+def expected_tokens_per_step(rates: list[float], k: int) -> float:
+    """1 + E[accepted] for unconditional per-position rates (a benchmark's
+    synthetic acceptance profile), for documentation and tests."""
+    return 1.0 + math.fsum(rates[:k])
