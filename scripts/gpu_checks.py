@@ -13,7 +13,8 @@ speculation can legitimately part after a near-tie. So:
    and compare with vLLM's native DFlash on the same drafter weights; both see
    the same verify numerics.
 Check 1 runs on both model runners (V2, vLLM 0.26's default for dense
-models, and V1 with ``VLLM_USE_V2_MODEL_RUNNER=0``); check 2 on V2.
+models, and V1 with ``VLLM_USE_V2_MODEL_RUNNER=0``), with a fixed K and with
+the adaptive K (``VLLM_DFLASH_ADAPTIVE_K=1``); check 2 on V2.
 
 Writes ``gpu_checks.json``; exits non-zero if an engine fails or check 1 does.
 """
@@ -84,6 +85,7 @@ def main(out_dir: str) -> int:
     )
     report: dict[str, object] = {}
     v1 = {"VLLM_USE_V2_MODEL_RUNNER": "0"}
+    adaptive = {"VLLM_DFLASH_ADAPTIVE_K": "1"}
     flex = {"attention_backend": "FLEX_ATTENTION"}
     split = {"llm_kwargs": {"attention_backend": "TRITON_ATTN"}}
     draft_fa = {"attention_backend": "FLASH_ATTN"}
@@ -99,6 +101,22 @@ def main(out_dir: str) -> int:
             drafter,
             "float32",
             {"llm_kwargs": flex, "speculative_extra": flex, "env": v1},
+        ),
+        # Adaptive K: drafts verified per step vary (0 included), each K with
+        # its own CUDA graphs; output must still equal plain decoding.
+        "adaptive32_v2": (
+            drafter,
+            "float32",
+            {"llm_kwargs": flex, "speculative_extra": flex, "env": adaptive},
+        ),
+        "adaptive32_v1": (
+            drafter,
+            "float32",
+            {
+                "llm_kwargs": flex,
+                "speculative_extra": flex,
+                "env": {**v1, **adaptive},
+            },
         ),
         "plain16": (None, "bfloat16", dict(split)),
         "plugin16_v2": (drafter, "bfloat16", {**split, "speculative_extra": draft_fa}),
@@ -145,6 +163,12 @@ def main(out_dir: str) -> int:
         )
         report[f"fp32_{runner}_plugin_class"] = plugin.drafter_class
         report[f"fp32_{runner}_acceptance_length"] = plugin.acceptance_length
+        adaptive_run = done.get(f"adaptive32_{runner}")
+        if adaptive_run is not None:
+            same = plain32.outputs == adaptive_run.outputs
+            ok &= same
+            report[f"fp32_adaptive_{runner}_identical"] = same
+            report[f"fp32_adaptive_{runner}_steps_per_k"] = adaptive_run.adaptive_k
     plain16 = done.get("plain16")
     for name in ("plugin16_v2", "native16_v2"):
         other = done.get(name)

@@ -74,8 +74,9 @@ def register() -> None:
     if envs.capture_enabled():
         patching.override_capture_architectures(ModelRegistry, version)
     patching.apply_on_import(patching.CPU_KERNELS, patching.patch_cpu_expand_kernel)
-    # vLLM 0.20 only (each patch checks its feature and stays out otherwise).
-    patching.apply_on_import(patching.SCHEDULER, patching.patch_scheduler_lookahead)
+    # Lookahead: vLLM 0.20 only (the patch checks its feature and stays out
+    # otherwise); adaptive K: only with VLLM_DFLASH_ADAPTIVE_K=1.
+    patching.apply_on_import(patching.SCHEDULER, patching.patch_scheduler)
     patching.apply_on_import(
         patching.ATTENTION_SELECTOR, patching.patch_attention_selector
     )

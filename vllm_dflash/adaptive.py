@@ -19,11 +19,12 @@ maximise expected output tokens per second:
 - ``T(b, K)`` is the measured wall time of a decode step whose verify pass
   read about ``b x (1 + K)`` tokens (``StepCost``, bins on a sqrt(2) grid):
   the time between consecutive outputs of the engine, which in steady state
-  is one step of target verify + drafting + host work. Each bin a decision
-  needs is measured before it is trusted (``min_samples`` steps, from the
-  largest K down; bins are shared across batch sizes, so this is a handful
-  of steps per engine), and the best choice's neighbours are re-measured
-  every ``refresh_every`` decisions of a batch bucket.
+  is one step of target verify + drafting + host work. A bin is measured
+  (``min_samples`` steps) before it is trusted, from K = 0 up and only while
+  the K could still win (a bigger pass never costs less than a smaller one);
+  bins are shared across batch sizes, so this is a handful of steps per
+  engine. The best choice's neighbours are re-measured every
+  ``refresh_every`` decisions of a batch bucket.
 
 K = 0 (no drafting) is a candidate, so at a load where speculation cannot pay
 the policy stops speculating. The choice is lossless whatever it is: vLLM
@@ -126,7 +127,8 @@ class AcceptanceEstimate:
     def conditional(self) -> list[float]:
         w, p = self.prior_weight, self.prior
         return [
-            (a + w * p) / (t + w) for a, t in zip(self.accepted, self.tried, strict=True)
+            (a + w * p) / (t + w)
+            for a, t in zip(self.accepted, self.tried, strict=True)
         ]
 
     def expected_accepted(self, k: int) -> float:
@@ -161,6 +163,13 @@ class StepCost:
     def count(self, num_tokens: int) -> int:
         return self.samples[token_bin(num_tokens)]
 
+    def lower_bound(self, num_tokens: int) -> float | None:
+        """A floor for a pass over ``num_tokens``: the dearest measured pass
+        over no more tokens (cost does not fall as tokens grow)."""
+        key = token_bin(num_tokens)
+        below = [v for b, v in self.seconds.items() if b <= key]
+        return max(below) if below else None
+
 
 class AdaptiveDraftLength:
     """Chooses K per step; used by the scheduler as ``dynamic_sd_lookup``.
@@ -185,6 +194,7 @@ class AdaptiveDraftLength:
         self.acceptance = acceptance or AcceptanceEstimate(k_max)
         self.cost = StepCost()
         self.decisions: Counter[tuple[int, int]] = Counter()
+        self.steps = 0
         self._per_bucket: Counter[int] = Counter()
         self._last_output_s: float | None = None
 
@@ -192,27 +202,45 @@ class AdaptiveDraftLength:
     def __getitem__(self, batch: int) -> int:
         k = self.choose(batch)
         self.decisions[(batch_bucket(batch), k)] += 1
+        self.steps += 1
+        if self.steps % LOG_EVERY == 0:
+            log_summary(self)
         return k
 
     def __len__(self) -> int:  # vLLM only indexes; keep list-like anyway
         return 1 << 20
 
     def choose(self, batch: int) -> int:
-        bucket = batch_bucket(batch)
-        # Measure every candidate first, largest K first (the configured one).
-        for k in reversed(self.ks):
-            if self.cost.count(batch * (1 + k)) < self.min_samples:
+        """The K with the highest expected throughput at this batch size.
+
+        Unmeasured choices are tried (``min_samples`` steps) only while they
+        could still win: a verify pass over more tokens never costs less than
+        the most expensive measured pass over fewer, which bounds what an
+        unmeasured K can reach. Choices are visited from K = 0 up, so the
+        costly large-K passes are tried only where they might pay.
+        """
+        best_k, best = 0, -1.0
+        for k in self.ks:
+            num_tokens = batch * (1 + k)
+            if self.cost.count(num_tokens) >= self.min_samples:
+                rate = self.throughput(batch, k)
+                if rate > best:
+                    best_k, best = k, rate
+                continue
+            floor = self.cost.lower_bound(num_tokens)
+            gain = batch * (1.0 + self.acceptance.expected_accepted(k))
+            if floor is None or gain / floor > best:
                 return k
-        best = max(self.ks, key=lambda k: self.throughput(batch, k))
+        bucket = batch_bucket(batch)
         self._per_bucket[bucket] += 1
         n = self._per_bucket[bucket]
         if n % self.refresh_every == 0:
             # Re-measure a neighbour of the best, alternating below and above.
-            i = self.ks.index(best)
+            i = self.ks.index(best_k)
             j = i + 1 if (n // self.refresh_every) % 2 else i - 1
             if 0 <= j < len(self.ks):
                 return self.ks[j]
-        return best
+        return best_k
 
     def throughput(self, batch: int, k: int) -> float:
         """Expected output tokens per second at this batch with K = k."""
@@ -245,9 +273,7 @@ class AdaptiveDraftLength:
         if len(ks) != 1:
             return
         (k,) = ks
-        if k not in self.ks or any(
-            n != 1 + k for n in num_scheduled_tokens.values()
-        ):
+        if k not in self.ks or any(n != 1 + k for n in num_scheduled_tokens.values()):
             return  # a prefill or a request clipped at max_model_len
         self.cost.observe(len(num_scheduled_tokens) * (1 + k), seconds)
 
@@ -262,6 +288,25 @@ class AdaptiveDraftLength:
         ]
         rates = ", ".join(f"{r:.2f}" for r in self.acceptance.conditional()[:8])
         return "; ".join(parts) + f"; conditional acceptance [{rates}, ...]"
+
+
+# The policy of the last scheduler built in this process (for tests, the
+# benchmark and debugging; the scheduler holds its own reference).
+last_policy: AdaptiveDraftLength | None = None
+# Log the decisions every this many steps.
+LOG_EVERY = 4096
+
+
+def install(k_max: int) -> AdaptiveDraftLength:
+    """The policy for a scheduler with ``num_speculative_tokens = k_max``."""
+    global last_policy
+    last_policy = AdaptiveDraftLength(k_max)
+    get_logger(__name__).info(
+        "vllm-dflash: adaptive draft length on (VLLM_DFLASH_ADAPTIVE_K=1): "
+        "K per step from %s, by measured acceptance and step time.",
+        list(last_policy.ks),
+    )
+    return last_policy
 
 
 def log_summary(policy: AdaptiveDraftLength) -> None:

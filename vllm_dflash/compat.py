@@ -273,3 +273,12 @@ def sample_draft_tokens(
         return proposer._greedy_sample(hidden), None
     drafts, probs = sample(hidden, sampling_metadata)
     return drafts, probs
+
+
+def has_dynamic_speculative_decoding() -> bool:
+    """Whether this vLLM varies the number of drafts per step
+    (``SpeculativeConfig.num_speculative_tokens_per_batch_size``, >= 0.26)."""
+    from vllm.config import SpeculativeConfig
+
+    fields = getattr(SpeculativeConfig, "__dataclass_fields__", {})
+    return "num_speculative_tokens_per_batch_size" in fields

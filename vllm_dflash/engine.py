@@ -54,6 +54,9 @@ class EngineResult:
     proposer_stats: dict[str, int] | None
     vllm_version: str
     finish_reasons: list[str | None] = field(default_factory=list)
+    adaptive_k: dict[int, int] | None = None
+    """Steps per K chosen by the adaptive policy (``VLLM_DFLASH_ADAPTIVE_K=1``;
+    the scheduler runs in this process)."""
 
     @property
     def tokens_per_s(self) -> float:
@@ -174,7 +177,20 @@ def run_in_process(spec: EngineSpec) -> EngineResult:
         proposer_stats=info[1],
         vllm_version=vllm.__version__,
         finish_reasons=[o.outputs[0].finish_reason for o in outs],
+        adaptive_k=_adaptive_decisions(),
     )
+
+
+def _adaptive_decisions() -> dict[int, int] | None:
+    from vllm_dflash import adaptive
+
+    policy = adaptive.last_policy
+    if policy is None:
+        return None
+    steps: dict[int, int] = {}
+    for (_, k), n in policy.decisions.items():
+        steps[k] = steps.get(k, 0) + n
+    return steps
 
 
 def _override(params: Any, changes: dict[str, Any]) -> Any:
@@ -222,6 +238,8 @@ def run(
             text = Path(log or Path(tmp, "engine.log")).read_text()
             raise EngineFailed(proc.returncode, text)
         data = json.loads(out_path.read_text())
+    if data.get("adaptive_k"):  # JSON object keys are strings
+        data["adaptive_k"] = {int(k): n for k, n in data["adaptive_k"].items()}
     return EngineResult(**data)
 
 

@@ -18,6 +18,7 @@ import inspect
 import re
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from types import ModuleType
 from typing import Any
@@ -186,7 +187,10 @@ def patch_engine_config_check(module: ModuleType) -> None:
     How:      wrap the method: once vLLM has built the ``VllmConfig``, run
               ``vllm_dflash.startup.check_engine_config`` on it (a no-op
               unless the method is "dflash"); its error is then the last
-              line the user sees. Workers keep their own checks.
+              line the user sees. Workers keep their own checks. Before
+              vLLM builds it, ``inject_adaptive_schedule`` turns on dynamic
+              speculative decoding when ``VLLM_DFLASH_ADAPTIVE_K=1`` (so vLLM
+              makes its own CUDA-graph decisions for it).
     Upstream: none yet; the change needed is a config-time validation hook
               for speculative methods (with the proposer registry).
     Remove:   when vLLM validates plugin speculators at config time.
@@ -199,7 +203,20 @@ def patch_engine_config_check(module: ModuleType) -> None:
         return
 
     @functools.wraps(original)
-    def create_engine_config(self: object, *args: object, **kwargs: object) -> object:
+    def create_engine_config(self: Any, *args: object, **kwargs: object) -> object:
+        if isinstance(self.speculative_config, dict):
+            speculative = dict(self.speculative_config)  # not the caller's dict
+            why_not = inject_adaptive_schedule(speculative)
+            if why_not is None:
+                self.speculative_config = speculative
+            elif why_not != "off":
+                from vllm_dflash.log import get_logger
+
+                get_logger(__name__).warning(
+                    "vllm-dflash: VLLM_DFLASH_ADAPTIVE_K=1 ignored: %s; every step "
+                    "verifies num_speculative_tokens drafts.",
+                    why_not,
+                )
         config = original(self, *args, **kwargs)
         from vllm_dflash import startup
 
@@ -397,6 +414,139 @@ def _with_lookahead(allocate_slots: Callable[..., Any], lookahead: int) -> Any:
         return allocate_slots(*args, **kwargs)
 
     return wrapper
+
+
+def patch_scheduler(module: ModuleType) -> None:
+    """Every patch of ``vllm.v1.core.sched.scheduler`` (one import hook)."""
+    patch_scheduler_lookahead(module)
+    patch_scheduler_adaptive(module)
+
+
+# --- adaptive draft length ---------------------------------------------------
+
+
+def adaptive_schedule_injected(spec: Any) -> bool:
+    """Whether ``spec`` carries the placeholder schedule that
+    ``inject_adaptive_schedule`` wrote (a user's own schedule is kept)."""
+    from vllm_dflash import adaptive
+
+    schedule = getattr(spec, "num_speculative_tokens_per_batch_size", None)
+    k = getattr(spec, "num_speculative_tokens", None)
+    if not schedule or not k:
+        return False
+    return [tuple(e) for e in schedule] == adaptive.capture_schedule(int(k))
+
+
+def inject_adaptive_schedule(speculative: dict[str, Any]) -> str | None:
+    """With ``VLLM_DFLASH_ADAPTIVE_K=1``, turn on vLLM's dynamic speculative
+    decoding for a DFlash config (in place), naming every K the policy may
+    choose; returns why not, else None."""
+    from vllm_dflash import adaptive, envs
+
+    if speculative.get("method") != "dflash" or not envs.adaptive_k():
+        return "off"
+    if speculative.get("num_speculative_tokens_per_batch_size") is not None:
+        return "the config gives num_speculative_tokens_per_batch_size"
+    k = speculative.get("num_speculative_tokens")
+    if not isinstance(k, int) or k < 1:
+        return "num_speculative_tokens is not set"
+    from vllm_dflash import compat
+
+    if not compat.has_dynamic_speculative_decoding():
+        return "this vLLM has no dynamic speculative decoding (needs >= 0.26)"
+    speculative["num_speculative_tokens_per_batch_size"] = adaptive.capture_schedule(k)
+    return None
+
+
+def patch_scheduler_adaptive(module: ModuleType) -> None:
+    """Ledger entry: the scheduler asks the adaptive policy for K each step.
+
+    Target:   ``vllm.v1.core.sched.scheduler.Scheduler`` methods ``__init__``,
+              ``update_from_output`` and ``make_spec_decoding_stats``; acts in
+              the engine-core process (the scheduler's).
+    Why:      vLLM >= 0.26 can vary the number of drafts per step
+              (``num_speculative_tokens_per_batch_size``), but only from a
+              static batch-size table; the best K also depends on measured
+              acceptance and on what a verify pass costs on this GPU and
+              model (``vllm_dflash.adaptive``).
+    How:      only when ``inject_adaptive_schedule`` put its placeholder
+              schedule in the config (``VLLM_DFLASH_ADAPTIVE_K=1``): after
+              ``__init__`` the scheduler's ``dynamic_sd_lookup`` (indexed by
+              batch size) becomes an ``AdaptiveDraftLength``; each step's
+              output and each request's accepted count are reported to it
+              before vLLM's own handling, which is unchanged.
+    Upstream: none yet; the change needed is a pluggable draft-length policy
+              (an object behind ``dynamic_sd_lookup`` fed with step results).
+    Remove:   when vLLM takes a draft-length policy object.
+    """
+    cls = getattr(module, "Scheduler", None)
+    if cls is None or getattr(cls.__init__, "_vllm_dflash_adaptive", False):
+        return
+    if not hasattr(cls, "make_spec_decoding_stats"):
+        return
+    init, update, stats = (
+        cls.__init__,
+        cls.update_from_output,
+        cls.make_spec_decoding_stats,
+    )
+
+    @functools.wraps(init)
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **kwargs)
+        spec = getattr(self.vllm_config, "speculative_config", None)
+        if getattr(spec, "method", None) == "dflash" and adaptive_schedule_injected(
+            spec
+        ):
+            from vllm_dflash import adaptive
+
+            self.dynamic_sd_lookup = adaptive.install(self.num_spec_tokens)
+
+    @functools.wraps(update)
+    def update_from_output(
+        self: Any, scheduler_output: Any, *args: Any, **kwargs: Any
+    ) -> Any:
+        policy = _policy_of(self)
+        if policy is not None:
+            policy.observe_step_output(
+                scheduler_output.num_scheduled_tokens,
+                scheduler_output.scheduled_spec_decode_tokens,
+                time.perf_counter(),
+            )
+        return update(self, scheduler_output, *args, **kwargs)
+
+    @functools.wraps(stats)
+    def make_spec_decoding_stats(
+        self: Any,
+        spec_decoding_stats: Any,
+        num_draft_tokens: int,
+        num_accepted_tokens: int,
+        num_invalid_spec_tokens: dict[str, int] | None,
+        request_id: str,
+    ) -> Any:
+        policy = _policy_of(self)
+        if policy is not None:
+            invalid = (num_invalid_spec_tokens or {}).get(request_id, 0)
+            policy.observe_request(num_draft_tokens - invalid, num_accepted_tokens)
+        return stats(
+            self,
+            spec_decoding_stats,
+            num_draft_tokens=num_draft_tokens,
+            num_accepted_tokens=num_accepted_tokens,
+            num_invalid_spec_tokens=num_invalid_spec_tokens,
+            request_id=request_id,
+        )
+
+    __init__._vllm_dflash_adaptive = True  # type: ignore[attr-defined]
+    cls.__init__ = __init__
+    cls.update_from_output = update_from_output
+    cls.make_spec_decoding_stats = make_spec_decoding_stats
+
+
+def _policy_of(scheduler: Any) -> Any:
+    from vllm_dflash.adaptive import AdaptiveDraftLength
+
+    lookup = getattr(scheduler, "dynamic_sd_lookup", None)
+    return lookup if isinstance(lookup, AdaptiveDraftLength) else None
 
 
 # --- vLLM 0.20: non-causal attention only for the drafter -------------------

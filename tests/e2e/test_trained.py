@@ -168,3 +168,30 @@ def test_native_dflash_loads_the_trained_checkpoint(
     assert not result.drafter_class.startswith("vllm_dflash")
     assert [len(o) for o in result.outputs] == [16, 16]
     assert result.metrics["vllm:spec_decode_num_draft_tokens"] > 0
+
+
+def test_adaptive_k_is_lossless_and_varies_k(
+    trained: tiny.TrainedPair, prompts: list[list[int]], baseline: EngineResult
+) -> None:
+    """``VLLM_DFLASH_ADAPTIVE_K=1``: the scheduler asks the plugin's policy
+    for K each step. It tries several K (0 included: the first choice for a
+    new token bin), settles on what the measurements favour, and the greedy
+    output is still plain decoding's, whatever K each step verified."""
+    result = run(
+        EngineSpec(
+            target=str(trained.target),
+            drafter=str(trained.drafter),
+            num_speculative_tokens=K,
+            prompts=prompts,
+            max_tokens=MAX_TOKENS,
+            env={"VLLM_DFLASH_ADAPTIVE_K": "1"},
+        )
+    )
+    assert result.outputs == baseline.outputs
+    steps = result.adaptive_k
+    assert steps is not None, "the adaptive policy was not installed"
+    assert set(steps) <= {0, 1, 3, 7, 15}
+    assert len(steps) >= 3, steps
+    # Drafts were verified and accepted several at a time.
+    tau = result.acceptance_length
+    assert tau is not None and tau > 1.5, (result.metrics, steps)

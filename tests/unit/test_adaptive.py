@@ -1,0 +1,181 @@
+"""The adaptive draft-length policy (``vllm_dflash.adaptive``), driven by a
+simulated engine whose step cost and acceptance are known, so the best K is
+known too; and its hand-over to vLLM (schedule, config injection)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from vllm_dflash import adaptive, patching
+from vllm_dflash.adaptive import AcceptanceEstimate, AdaptiveDraftLength
+
+
+def test_candidates_and_capture_schedule_cover_every_k() -> None:
+    from vllm.v1.spec_decode.dynamic.utils import build_dynamic_sd_schedule_lookup
+
+    assert adaptive.candidate_ks(15) == (0, 1, 3, 7, 15)
+    assert adaptive.candidate_ks(5) == (0, 1, 3, 5)
+    assert adaptive.candidate_ks(1) == (0, 1)
+    with pytest.raises(ValueError, match="num_speculative_tokens=0"):
+        adaptive.candidate_ks(0)
+    for k_max, max_seqs in ((15, 256), (7, 3), (1, 1)):
+        dense = build_dynamic_sd_schedule_lookup(
+            adaptive.capture_schedule(k_max),
+            vllm_max_batch_size=max_seqs,
+            vllm_num_speculative_tokens=k_max,
+        )
+        # vLLM accepts it; and the schedule names every candidate (what the
+        # V2 runner captures graphs for).
+        assert len(dense) == max_seqs + 1
+        named = {k for _, _, k in adaptive.capture_schedule(k_max)}
+        assert named == set(adaptive.candidate_ks(k_max))
+
+
+def draw_accepted(rng: random.Random, conditional: list[float], k: int) -> int:
+    n = 0
+    while n < k and rng.random() < conditional[n]:
+        n += 1
+    return n
+
+
+def test_acceptance_estimate_learns_conditional_rates() -> None:
+    truth = [0.9, 0.8, 0.6, 0.5, 0.3, 0.3, 0.2]
+    est = AcceptanceEstimate(k_max=7, prior=0.7, decay=1.0)
+    rng = random.Random(0)
+    for _ in range(20000):
+        est.observe(5, draw_accepted(rng, truth, 5))
+    got = est.conditional()
+    for i in range(5):
+        assert got[i] == pytest.approx(truth[i], abs=0.03), (i, got)
+    # Positions 6 and 7 were never verified: the prior.
+    assert got[5:] == [0.7, 0.7]
+    expected = 0.9 + 0.9 * 0.8 + 0.9 * 0.8 * 0.6
+    assert est.expected_accepted(3) == pytest.approx(expected, abs=0.05)
+
+
+def test_unverified_positions_return_to_the_prior() -> None:
+    est = AcceptanceEstimate(k_max=3, prior=0.7, decay=0.99)
+    for _ in range(500):
+        est.observe(3, 0)  # position 1 always rejected: 2 and 3 never tried
+    assert est.conditional()[0] < 0.05
+    for _ in range(2000):
+        est.observe(1, 1)  # only position 1 verified from now on
+    rates = est.conditional()
+    assert rates[0] > 0.95
+    assert rates[1] == pytest.approx(0.7, abs=0.01)
+
+
+def simulate(
+    policy_or_k: AdaptiveDraftLength | int,
+    *,
+    batch: int,
+    conditional: list[float],
+    seconds: object,
+    steps: int = 600,
+    seed: int = 0,
+) -> float:
+    """Output tokens per simulated second of a decode loop at ``batch``;
+    ``seconds(num_tokens)`` is the step cost of a verify pass."""
+    rng = random.Random(seed)
+    clock = 0.0
+    tokens = 0
+    k_next = 0  # the first step has no drafts yet
+    for _ in range(steps):
+        k = k_next
+        scheduled = {f"r{i}": 1 + k for i in range(batch)}
+        drafts = {f"r{i}": [-1] * k for i in range(batch)} if k else {}
+        for _ in range(batch):
+            accepted = draw_accepted(rng, conditional, k)
+            tokens += 1 + accepted
+            if isinstance(policy_or_k, AdaptiveDraftLength):
+                policy_or_k.observe_request(k, accepted)
+        clock += seconds(batch * (1 + k))  # type: ignore[operator]
+        if isinstance(policy_or_k, AdaptiveDraftLength):
+            policy_or_k.observe_step_output(scheduled, drafts, clock)
+            k_next = policy_or_k[batch]
+        else:
+            k_next = policy_or_k
+    return tokens / clock
+
+
+DENSE_SMALL_BATCH = dict(batch=1, seconds=lambda n: 0.010 + 0.00002 * n)
+COMPUTE_BOUND = dict(batch=64, seconds=lambda n: 0.010 + 0.0004 * n)
+HIGH = [0.95] * 15
+DECAYING = [0.75, 0.8, 0.8, 0.7, 0.7, 0.6, 0.6, 0.5, 0.5, 0.4, 0.4, 0.3, 0.3, 0.2, 0.2]
+LOW = [0.2] * 15
+
+
+@pytest.mark.parametrize(
+    ("load", "conditional"),
+    [
+        (DENSE_SMALL_BATCH, HIGH),
+        (DENSE_SMALL_BATCH, DECAYING),
+        (COMPUTE_BOUND, DECAYING),
+        (COMPUTE_BOUND, LOW),
+        (dict(batch=8, seconds=lambda n: 0.010 + 0.0002 * n), DECAYING),
+    ],
+    ids=["b1-high", "b1-decaying", "b64-decaying", "b64-low", "b8-decaying"],
+)
+def test_adaptive_matches_the_best_fixed_k(
+    load: dict[str, object], conditional: list[float]
+) -> None:
+    fixed = {
+        k: simulate(k, conditional=conditional, **load)  # type: ignore[arg-type]
+        for k in adaptive.candidate_ks(15)
+    }
+    best = max(fixed.values())
+    policy = AdaptiveDraftLength(15)
+    got = simulate(policy, conditional=conditional, **load)  # type: ignore[arg-type]
+    assert got >= 0.95 * best, (got, fixed, policy.summary())
+    assert got >= fixed[0] * 0.99  # never (materially) slower than no drafting
+
+
+def test_low_acceptance_at_a_compute_bound_batch_stops_drafting() -> None:
+    policy = AdaptiveDraftLength(15)
+    simulate(policy, conditional=LOW, **COMPUTE_BOUND)  # type: ignore[arg-type]
+    assert policy.choose(64) == 0
+    policy = AdaptiveDraftLength(15)
+    simulate(policy, conditional=HIGH, **DENSE_SMALL_BATCH)  # type: ignore[arg-type]
+    assert policy.choose(1) == 15
+
+
+def test_step_output_filter() -> None:
+    policy = AdaptiveDraftLength(7)
+    decode = {"a": 4, "b": 4}
+    drafts = {"a": [1, 2, 3], "b": [4, 5, 6]}
+    policy.observe_step_output(decode, drafts, 1.00)  # first output: no interval
+    policy.observe_step_output(decode, drafts, 1.01)
+    assert policy.cost.count(8) == 1  # 2 requests x (1 + 3)
+    assert policy.cost.estimate(8) == pytest.approx(0.01)
+    # A prefill in the step, mixed draft counts, an idle gap: not a cost sample.
+    policy.observe_step_output({"a": 4, "c": 30}, {"a": [1, 2, 3]}, 1.02)
+    policy.observe_step_output({"a": 4, "b": 2}, {"a": [1, 2, 3], "b": [9]}, 1.03)
+    policy.observe_step_output(decode, drafts, 9.0)
+    assert sum(policy.cost.samples.values()) == 1
+    # K = 0 steps (no drafts at all) are samples too.
+    policy.observe_step_output({"a": 1, "b": 1}, {}, 9.002)
+    assert policy.cost.count(2) == 1
+
+
+def test_injection_only_for_dflash_with_the_switch(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    spec = {"method": "dflash", "model": "d", "num_speculative_tokens": 15}
+    monkeypatch.delenv("VLLM_DFLASH_ADAPTIVE_K", raising=False)
+    assert patching.inject_adaptive_schedule(dict(spec)) == "off"
+    monkeypatch.setenv("VLLM_DFLASH_ADAPTIVE_K", "1")
+    on = dict(spec)
+    assert patching.inject_adaptive_schedule(on) is None
+    assert on["num_speculative_tokens_per_batch_size"] == adaptive.capture_schedule(15)
+    own = {**spec, "num_speculative_tokens_per_batch_size": [(1, 8, 15), (9, 64, 3)]}
+    assert "num_speculative_tokens_per_batch_size" in str(
+        patching.inject_adaptive_schedule(own)
+    )
+    assert own["num_speculative_tokens_per_batch_size"] == [(1, 8, 15), (9, 64, 3)]
+    eagle = {**spec, "method": "eagle3"}
+    assert patching.inject_adaptive_schedule(eagle) == "off"
+    monkeypatch.setenv("VLLM_DFLASH_ADAPTIVE_K", "maybe")
+    with pytest.raises(ValueError, match="VLLM_DFLASH_ADAPTIVE_K='maybe'"):
+        patching.inject_adaptive_schedule(dict(spec))
