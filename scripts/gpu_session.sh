@@ -2,7 +2,9 @@
 # On the lent H200 (see ../shared/device/README.md): install this checkout
 # beside the unpacked vLLM and run one step, copying results to $OUT.
 #
-#   bash scripts/gpu_session.sh install|checks|capture|bench|profile
+#   bash scripts/gpu_session.sh install|checks|capture|profile
+#   bash scripts/gpu_session.sh bench NAME [vllm-dflash bench options]
+#   bash scripts/gpu_session.sh retire-vllm   # before moving another vLLM over
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=/tmp/site VLLM_USE_FLASHINFER_SAMPLER=0
@@ -30,12 +32,18 @@ case "$1" in
     tail -c 3000 "$OUT/capture.log"
     ;;
   bench)
-    shift
-    timeout 560 vllm-dflash bench --out "$WORK/bench" "$@" > "$OUT/bench.log" 2>&1
-    echo "bench rc=$?"
-    cp "$WORK/bench/bench.json" "$WORK/bench/bench.png" "$OUT/" 2>/dev/null
-    for m in none native plugin; do tail -c 20000 "$WORK/bench/$m.log" > "$OUT/$m.log" 2>/dev/null; done
-    tail -n 25 "$OUT/bench.log"
+    name=$2
+    shift 2
+    mkdir -p "$OUT/$name"
+    timeout "${BENCH_TIMEOUT:-560}" vllm-dflash bench --out "$WORK/$name" "$@" > "$OUT/$name/bench.log" 2>&1
+    echo "bench $name rc=$?"
+    cp "$WORK/$name/bench.json" "$WORK/$name/bench.png" "$OUT/$name/" 2>/dev/null
+    for log in "$WORK/$name"/*.log; do tail -c 12000 "$log" > "$OUT/$name/$(basename "$log")"; done
+    tail -n 30 "$OUT/$name/bench.log"
+    ;;
+  retire-vllm)
+    # Keep the installed vLLM aside and clear the stash for the next one.
+    rm -rf /tmp/vllm-parts /tmp/site-prev && mv /tmp/site /tmp/site-prev && echo "vLLM moved to /tmp/site-prev"
     ;;
   profile)
     shift
