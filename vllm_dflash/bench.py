@@ -7,6 +7,12 @@ number of tokens per step and the figures compare implementations, not
 drafters. Prints a table, writes ``bench.json`` and ``bench.png``.
 
     vllm-dflash bench --preset qwen3-8b --batch-sizes 1,8,32 --output-len 256
+
+Modes (``--modes``, see ``parse_mode``) name an implementation and a K:
+``plugin-k3`` is the plugin at three drafts per step, ``adaptive`` the plugin
+choosing K per step (``vllm_dflash.adaptive``) up to ``--k``. Every mode of a
+run captures the same CUDA-graph sizes (``capture_sizes``), so the figures
+differ by what the mode does, not by which graphs it has.
 """
 
 from __future__ import annotations
@@ -19,12 +25,149 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
+from vllm_dflash.adaptive import candidate_ks
+from vllm_dflash.config import DFlashConfigError
 from vllm_dflash.engine import collect_spec_metrics, runner_version
+from vllm_dflash.envs import ADAPTIVE_K
 
 MODES = ("none", "native", "plugin")
+"""The default ``--modes``."""
+MODE_GRAMMAR = (
+    "none, native, plugin (K = --k), native-kN, plugin-kN (K = N >= 1) or "
+    "adaptive (the plugin choosing K per step, at most --k)"
+)
+# Unconditional per-position acceptance P(drafts 1..i all accepted), shaped
+# like the per-position figures published for DFlash drafters: about 0.75 at
+# position 1, below 0.20 by position 8. Expected tokens per step
+# 1 + sum(rates[:K]): 3.63 at K 7, 4.43 at K 15 (adaptive.expected_tokens_per_step).
+DECAY_RATES: tuple[float, ...] = (
+    0.75, 0.62, 0.51, 0.42, 0.34, 0.27, 0.21, 0.17,
+    0.13, 0.10, 0.08, 0.06, 0.05, 0.04, 0.03,
+)  # fmt: skip
+ACCEPTANCE_GRAMMAR = "flat, decay or R1,R2,... (non-increasing rates in [0, 1])"
+
+
+@dataclass(frozen=True)
+class Mode:
+    """One ``--modes`` entry: which implementation, at which K."""
+
+    name: str
+    impl: str
+    """"none", "native" or "plugin"."""
+    k: int
+    """num_speculative_tokens (0 for none; the maximum for adaptive)."""
+    adaptive: bool = False
+
+    @property
+    def ks(self) -> tuple[int, ...]:
+        """Every K a verify pass of this mode may run with."""
+        return candidate_ks(self.k) if self.adaptive else (self.k,)
+
+    @property
+    def env(self) -> dict[str, str]:
+        """Set explicitly, so a variable in the caller's shell cannot turn
+        one mode into another."""
+        if self.impl == "none":
+            return {}
+        return {
+            "VLLM_DFLASH_USE_NATIVE": "1" if self.impl == "native" else "0",
+            ADAPTIVE_K: "1" if self.adaptive else "0",
+        }
+
+
+def parse_mode(name: str, k: int) -> Mode:
+    """``none``, ``native``, ``plugin``, ``native-kN``, ``plugin-kN`` or
+    ``adaptive``; ``k`` is ``--k``."""
+    if name == "none":
+        return Mode(name, "none", 0)
+    if name in ("native", "plugin"):
+        return Mode(name, name, k)
+    if name == "adaptive":
+        return Mode(name, "plugin", k, adaptive=True)
+    impl, sep, n = name.partition("-k")
+    if sep and impl in ("native", "plugin") and n.isdigit() and int(n) >= 1:
+        return Mode(name, impl, int(n))
+    raise DFlashConfigError("--modes", name, f"Modes are {MODE_GRAMMAR}.")
+
+
+def parse_modes(text: str, k: int) -> list[Mode]:
+    names = [m.strip() for m in text.split(",") if m.strip()]
+    if not names:
+        raise DFlashConfigError("--modes", text, f"Name one of {MODE_GRAMMAR}.")
+    if len(set(names)) != len(names):
+        raise DFlashConfigError("--modes", text, "Name each mode once.")
+    return [parse_mode(name, k) for name in names]
+
+
+def mode_sort_key(name: str, k: int) -> tuple[int, int, str]:
+    """none, native*, plugin*, adaptive; by K within each."""
+    group = (
+        3
+        if name == "adaptive"
+        else ("none", "native", "plugin").index(name.split("-k")[0])
+    )
+    return group, k, name
+
+
+def capture_sizes(batch_sizes: list[int], modes: list[Mode]) -> list[int]:
+    """CUDA-graph sizes for every mode of a run: b tokens (no speculation,
+    K = 0) and b x (K + 1) for each K any mode may verify with."""
+    ks = {0} | {k for mode in modes for k in mode.ks}
+    return sorted({b * (k + 1) for b in batch_sizes for k in ks})
+
+
+def validate_rates(rates: list[float], option: str = "--acceptance") -> list[float]:
+    if (
+        not rates
+        or not all(0.0 <= r <= 1.0 for r in rates)
+        or any(b > a for a, b in pairwise(rates))
+    ):
+        raise DFlashConfigError(
+            option,
+            ",".join(f"{r:g}" for r in rates),
+            "Per-position acceptance rates are unconditional, so they must be "
+            "non-increasing and in [0, 1], e.g. 0.8,0.6,0.4.",
+        )
+    return rates
+
+
+def parse_acceptance(text: str) -> tuple[str, list[float] | None]:
+    """(profile name, per-position rates); flat has none (``--tau`` sets it)."""
+    if text == "flat":
+        return "flat", None
+    if text == "decay":
+        return "decay", list(DECAY_RATES)
+    try:
+        rates = [float(r) for r in text.split(",")]
+    except ValueError as e:
+        raise DFlashConfigError(
+            "--acceptance", text, f"Use {ACCEPTANCE_GRAMMAR}."
+        ) from e
+    return "custom", validate_rates(rates)
+
+
+def flat_rates(tau: float, k: int) -> list[float]:
+    """The rates vLLM derives from ``synthetic_acceptance_length`` tau at K:
+    every draft accepted up to tau - 1, then the fraction, then none."""
+    if not 1.0 <= tau <= k + 1:
+        raise DFlashConfigError(
+            "--tau",
+            tau,
+            f"Synthetic tau is in [1, K + 1 = {k + 1}]; --tau 0 runs real acceptance.",
+        )
+    full = int(tau - 1)
+    return ([1.0] * full + [tau - 1 - full] + [0.0] * k)[:k]
+
+
+def rates_for_k(rates: list[float], k: int) -> list[float]:
+    """The first K rates; past the end of the profile, its last rate."""
+    validate_rates(rates)
+    return rates[:k] + [rates[-1]] * max(0, k - len(rates))
+
 
 # Qwen3-8B shape, and the z-lab Qwen3-8B DFlash drafter: same width, 5 layers.
 _QWEN3_8B: dict[str, Any] = {
@@ -187,6 +330,11 @@ class BenchSpec:
     attention_backend: str | None = None
     draft_attention_backend: str | None = None
     env: dict[str, str] = field(default_factory=dict)
+    acceptance_rates: list[float] | None = None
+    """Synthetic per-position rates, exactly ``k`` of them; None: ``tau``."""
+    capture_sizes: list[int] | None = None
+    """CUDA-graph sizes (the run's union); None: this mode's own."""
+    max_num_batched_tokens: int | None = None
     skip_tokenizer_init: bool = True
     profile_path: str | None = None
     """Write a torch-profiler table of a batch-1 run here (in-process engine)."""
@@ -202,6 +350,8 @@ class BenchRow:
     acceptance_length: float | None
     runner: str = ""
     """Model runner the engine used: "v1" or "v2"."""
+    k: int = 0
+    """num_speculative_tokens of the mode (the maximum for adaptive)."""
 
 
 def _spec_metrics(llm: Any) -> tuple[float, float]:
@@ -245,10 +395,10 @@ def _worker(spec: BenchSpec) -> list[BenchRow]:
         # Capture only the graph sizes these batches use (b tokens without
         # speculation, b*(K+1) verify/draft tokens with it), the same for
         # every mode: full default capture takes minutes per engine.
-        sizes = {b for b in spec.batch_sizes} | {
-            b * (spec.k + 1) for b in spec.batch_sizes
-        }
-        kwargs["compilation_config"] = {"cudagraph_capture_sizes": sorted(sizes)}
+        sizes = spec.capture_sizes or capture_sizes(
+            spec.batch_sizes, [Mode(spec.mode, "plugin", spec.k)]
+        )
+        kwargs["compilation_config"] = {"cudagraph_capture_sizes": sizes}
     if spec.mode != "none":
         speculative: dict[str, Any] = {
             "method": "dflash",
@@ -257,13 +407,16 @@ def _worker(spec: BenchSpec) -> list[BenchRow]:
         }
         if spec.tau is not None:
             speculative["rejection_sample_method"] = "synthetic"
-            speculative["synthetic_acceptance_length"] = spec.tau
+            if spec.acceptance_rates is not None:
+                speculative["synthetic_acceptance_rates"] = spec.acceptance_rates
+            else:
+                speculative["synthetic_acceptance_length"] = spec.tau
         if spec.draft_attention_backend:
             speculative["attention_backend"] = spec.draft_attention_backend
         kwargs["speculative_config"] = support.route_draft_attention_backend(
             speculative
         )
-        kwargs["max_num_batched_tokens"] = max(
+        kwargs["max_num_batched_tokens"] = spec.max_num_batched_tokens or max(
             8192, max(spec.batch_sizes) * (spec.k + 1)
         )
     llm = LLM(**kwargs)
@@ -294,10 +447,12 @@ def _worker(spec: BenchSpec) -> list[BenchRow]:
         drafts = after[0] - before[0]
         tau = 1 + (after[1] - before[1]) / drafts if drafts else None
         rows.append(
-            BenchRow(spec.mode, batch, tokens, seconds, tokens / seconds, tau, runner)
+            BenchRow(
+                spec.mode, batch, tokens, seconds, tokens / seconds, tau, runner, spec.k
+            )
         )
         print(
-            f"[bench] {spec.mode:>6} ({runner}) batch {batch:>3}: "
+            f"[bench] {spec.mode:>10} ({runner}) batch {batch:>3}: "
             f"{tokens / seconds:9.1f} tok/s" + (f"  tau {tau:.2f}" if tau else ""),
             file=sys.stderr,
             flush=True,
@@ -329,8 +484,6 @@ def run_mode(spec: BenchSpec, log: Path) -> list[BenchRow]:
     env = {**os.environ, "VLLM_ALLOW_INSECURE_SERIALIZATION": "1", **spec.env}
     if spec.profile_path:
         env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    if spec.mode == "native":
-        env["VLLM_DFLASH_USE_NATIVE"] = "1"
     with tempfile.TemporaryDirectory() as tmp:
         spec_path, out_path = Path(tmp, "spec.json"), Path(tmp, "rows.json")
         spec_path.write_text(json.dumps(asdict(spec)))
@@ -362,23 +515,81 @@ def write_preset(name: str, root: Path) -> tuple[Path, Path]:
     return paths[0], paths[1]
 
 
-def print_table(rows: list[BenchRow]) -> None:
-    base = {r.batch: r.tok_per_s for r in rows if r.mode == "none"}
-    native = {r.batch: r.tok_per_s for r in rows if r.mode == "native"}
-    print(
-        f"{'mode':>8} {'runner':>6} {'batch':>6} {'tok/s':>10} {'tau':>6} "
-        f"{'vs none':>8} {'vs native':>9}"
-    )
-    for r in sorted(rows, key=lambda r: (r.batch, MODES.index(r.mode))):
-        speedup = f"{r.tok_per_s / base[r.batch]:.2f}x" if r.batch in base else "-"
-        vs_native = (
-            f"{r.tok_per_s / native[r.batch]:.2f}x" if r.batch in native else "-"
+def _sorted(rows: list[BenchRow]) -> list[BenchRow]:
+    return sorted(rows, key=lambda r: (r.batch, *mode_sort_key(r.mode, r.k)))
+
+
+def _native_reference(rows: list[BenchRow], k: int) -> dict[int, float]:
+    """tok/s of native DFlash per batch: the ``native`` row, else ``native-k{k}``."""
+    ref = {r.batch: r.tok_per_s for r in rows if r.mode == f"native-k{k}"}
+    ref.update({r.batch: r.tok_per_s for r in rows if r.mode == "native"})
+    return ref
+
+
+def summarize(rows: list[BenchRow]) -> list[dict[str, Any]]:
+    """Per batch: the fastest fixed-K plugin mode, and adaptive against it
+    and against no speculation (None where a mode is missing)."""
+    out = []
+    for batch in sorted({r.batch for r in rows}):
+        mine = [r for r in rows if r.batch == batch]
+        fixed = [r for r in mine if r.mode.split("-k")[0] == "plugin"]
+        best = max(fixed, key=lambda r: r.tok_per_s, default=None)
+        adaptive = next((r for r in mine if r.mode == "adaptive"), None)
+        none = next((r for r in mine if r.mode == "none"), None)
+        out.append(
+            {
+                "batch": batch,
+                "best_fixed": best.mode if best else None,
+                "best_fixed_tok_per_s": best.tok_per_s if best else None,
+                "adaptive_vs_best_fixed": (
+                    adaptive.tok_per_s / best.tok_per_s if adaptive and best else None
+                ),
+                "adaptive_vs_none": (
+                    adaptive.tok_per_s / none.tok_per_s if adaptive and none else None
+                ),
+            }
         )
+    return out
+
+
+def _ratio(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}x"
+
+
+def print_table(rows: list[BenchRow], k: int) -> None:
+    """One line per mode and batch; ``k`` (--k) picks the native reference
+    where only ``native-kN`` ran. Then a summary per batch if it says anything."""
+    base = {r.batch: r.tok_per_s for r in rows if r.mode == "none"}
+    native = _native_reference(rows, k)
+    width = max([10, *(len(r.mode) for r in rows)])
+    print(
+        f"{'mode':>{width}} {'K':>3} {'runner':>6} {'batch':>6} {'tok/s':>10} "
+        f"{'tau':>6} {'vs none':>8} {'vs native':>9}"
+    )
+    for r in _sorted(rows):
+        speedup = _ratio(r.tok_per_s / base[r.batch] if r.batch in base else None)
+        vs_native = _ratio(r.tok_per_s / native[r.batch] if r.batch in native else None)
         tau = f"{r.acceptance_length:.2f}" if r.acceptance_length else "-"
         print(
-            f"{r.mode:>8} {r.runner:>6} {r.batch:>6} {r.tok_per_s:>10.1f} "
-            f"{tau:>6} {speedup:>8} {vs_native:>9}"
+            f"{r.mode:>{width}} {r.k:>3} {r.runner:>6} {r.batch:>6} "
+            f"{r.tok_per_s:>10.1f} {tau:>6} {speedup:>8} {vs_native:>9}"
         )
+    summary = summarize(rows)
+    if any(s["best_fixed"] for s in summary) and any(
+        r.mode == "adaptive" for r in rows
+    ):
+        print(
+            f"{'batch':>6} {'best fixed K':>{width}} {'tok/s':>10} "
+            f"{'adaptive/best':>13} {'adaptive/none':>13}"
+        )
+        for s in summary:
+            tok_s = s["best_fixed_tok_per_s"]
+            print(
+                f"{s['batch']:>6} {s['best_fixed'] or '-':>{width}} "
+                f"{'-' if tok_s is None else f'{tok_s:.1f}':>10} "
+                f"{_ratio(s['adaptive_vs_best_fixed']):>13} "
+                f"{_ratio(s['adaptive_vs_none']):>13}"
+            )
 
 
 def plot(rows: list[BenchRow], path: Path, title: str) -> None:
@@ -389,22 +600,24 @@ def plot(rows: list[BenchRow], path: Path, title: str) -> None:
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     base = {r.batch: r.tok_per_s for r in rows if r.mode == "none"}
-    for mode in MODES:
+    modes = sorted({(r.mode, r.k) for r in rows}, key=lambda m: mode_sort_key(*m))
+    for i, (mode, _) in enumerate(modes):
         mine = sorted((r for r in rows if r.mode == mode), key=lambda r: r.batch)
-        if not mine:
-            continue
         batches = [r.batch for r in mine]
-        ax1.plot(batches, [r.tok_per_s for r in mine], marker="o", label=mode)
+        style = dict(
+            color=f"C{i % 10}", ls="--" if mode == "adaptive" else "-", marker="o"
+        )
+        ax1.plot(batches, [r.tok_per_s for r in mine], label=mode, **style)
         speedups = [
             (r.batch, r.tok_per_s / base[r.batch]) for r in mine if r.batch in base
         ]
         if mode != "none" and speedups:
-            ax2.plot(*zip(*speedups, strict=True), marker="o", label=mode)
+            ax2.plot(*zip(*speedups, strict=True), label=mode, **style)
     for ax, label in ((ax1, "output tokens/s"), (ax2, "speedup over none")):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("batch size")
         ax.set_ylabel(label)
-        ax.legend()
+        ax.legend(fontsize="small")
         ax.grid(alpha=0.3)
     fig.suptitle(title)
     fig.tight_layout()
@@ -415,14 +628,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", choices=sorted(PRESETS), default="qwen3-8b")
     p.add_argument("--target", help="target config folder (overrides the preset)")
     p.add_argument("--drafter", help="drafter config folder (overrides the preset)")
-    p.add_argument("--modes", default=",".join(MODES))
+    p.add_argument(
+        "--modes", default=",".join(MODES), help=f"comma list of: {MODE_GRAMMAR}"
+    )
     p.add_argument("--batch-sizes", default="1,8,32")
-    p.add_argument("--k", type=int, default=15)
+    p.add_argument(
+        "--k", type=int, default=15, help="K of native/plugin; adaptive's maximum"
+    )
     p.add_argument(
         "--tau",
         type=float,
         default=7.8,
-        help="synthetic acceptance length (CUDA only); 0: the drafter's real one",
+        help="synthetic acceptance length of the flat profile (CUDA only: vLLM's "
+        "CPU rejection kernels have no synthetic mode); 0: the drafter's real one",
+    )
+    p.add_argument(
+        "--acceptance",
+        default="flat",
+        help="synthetic acceptance profile: flat (every draft accepted up to "
+        "--tau), decay (DECAY_RATES, per-position rates like published DFlash "
+        "figures) or R1,R2,... (unconditional per-position rates, non-increasing; "
+        "cut to each mode's K, padded with the last); ignored with --tau 0",
     )
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=256)
@@ -437,7 +663,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
+def mode_rates(
+    mode: Mode, profile: list[float] | None, tau: float | None, k: int
+) -> list[float] | None:
+    """The synthetic rates a mode's engine gets: None for no speculation,
+    real acceptance (tau None) and the flat profile at K = --k (vLLM derives
+    them from tau); else the profile (flat: at K = --k) cut or padded to the
+    mode's K, so every K sees the same drafter."""
+    if mode.impl == "none" or tau is None:
+        return None
+    if profile is None:
+        return None if mode.k == k else rates_for_k(flat_rates(tau, k), mode.k)
+    return rates_for_k(profile, mode.k)
+
+
 def bench_command(args: argparse.Namespace) -> int:
+    try:
+        modes = parse_modes(args.modes, args.k)
+        profile_name, profile = parse_acceptance(args.acceptance)
+        tau = args.tau or None
+        if tau is not None and profile is None and any(m.impl != "none" for m in modes):
+            flat_rates(tau, args.k)  # validates tau against --k
+    except DFlashConfigError as e:
+        raise SystemExit(str(e)) from e
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     target, drafter = (
@@ -451,21 +699,22 @@ def bench_command(args: argparse.Namespace) -> int:
     attention_backend = args.attention_backend or preset_target_backend
     draft_attention_backend = args.draft_attention_backend or preset_draft_backend
     batches = [int(b) for b in args.batch_sizes.split(",")]
+    sizes = capture_sizes(batches, modes)
+    max_k = max(k for mode in modes for k in mode.ks)
     rows: list[BenchRow] = []
     failed: list[str] = []
-    for mode in args.modes.split(","):
-        if mode not in MODES:
-            raise SystemExit(f"unknown mode {mode!r}: choose from {', '.join(MODES)}")
+    for mode in modes:
         print(
-            f"[bench] starting mode {mode} (engine start can take minutes)", flush=True
+            f"[bench] starting mode {mode.name} (engine start can take minutes)",
+            flush=True,
         )
         spec = BenchSpec(
-            mode=mode,
+            mode=mode.name,
             target=str(target),
-            drafter=None if mode == "none" else str(drafter),
+            drafter=None if mode.impl == "none" else str(drafter),
             batch_sizes=batches,
-            k=args.k,
-            tau=args.tau or None,
+            k=mode.k,
+            tau=tau,
             prompt_len=args.prompt_len,
             output_len=args.output_len,
             dtype=args.dtype,
@@ -474,21 +723,30 @@ def bench_command(args: argparse.Namespace) -> int:
             max_model_len=args.prompt_len + args.output_len + 64,
             attention_backend=attention_backend,
             draft_attention_backend=draft_attention_backend,
+            env=mode.env,
+            acceptance_rates=mode_rates(mode, profile, tau, args.k),
+            capture_sizes=sizes,
+            max_num_batched_tokens=max(8192, max(batches) * (max_k + 1)),
             profile_path=(
-                str(out / f"profile-{mode}.txt")
-                if args.profile and mode != "none"
+                str(out / f"profile-{mode.name}.txt")
+                if args.profile and mode.impl != "none"
                 else None
             ),
         )
-        mode_rows = run_mode(spec, out / f"{mode}.log")
+        mode_rows = run_mode(spec, out / f"{mode.name}.log")
         rows += mode_rows
         if not mode_rows:
-            failed.append(mode)
-    print_table(rows)
+            failed.append(mode.name)
+    print_table(rows, args.k)
     meta = {
         "preset": None if args.target else args.preset,
         "k": args.k,
-        "tau": args.tau or None,
+        "tau": tau,
+        "acceptance": profile_name,
+        "acceptance_rates": profile,
+        "synthetic": tau is not None,
+        "modes": {m.name: {"impl": m.impl, "k": m.k, "ks": m.ks} for m in modes},
+        "capture_sizes": sizes,
         "prompt_len": args.prompt_len,
         "output_len": args.output_len,
         "dtype": args.dtype,
@@ -498,13 +756,21 @@ def bench_command(args: argparse.Namespace) -> int:
         "enforce_eager": args.enforce_eager,
     }
     (out / "bench.json").write_text(
-        json.dumps({"meta": meta, "rows": [asdict(r) for r in rows]}, indent=2)
+        json.dumps(
+            {
+                "meta": meta,
+                "rows": [asdict(r) for r in _sorted(rows)],
+                "summary": summarize(rows),
+            },
+            indent=2,
+        )
     )
     if rows:
+        acceptance = f"tau={tau}" if profile is None else f"acceptance={profile_name}"
         plot(
             rows,
             out / "bench.png",
-            f"DFlash K={args.k} tau={args.tau} "
+            f"DFlash K={args.k} {acceptance if tau else 'real acceptance'} "
             f"({', '.join(f'{m} {r}' for m, r in meta['runners'].items())})",
         )
     print(f"[bench] wrote {out / 'bench.json'}")

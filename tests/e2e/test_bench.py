@@ -1,5 +1,8 @@
-"""``vllm-dflash bench`` end to end on CPU with the tiny preset (real
-acceptance: synthetic acceptance is CUDA-only in vLLM)."""
+"""``vllm-dflash bench`` end to end on CPU with the tiny preset. Real
+acceptance (``--tau 0``): vLLM's CPU stand-ins of the rejection kernels
+assert that synthetic mode is off (``vllm/utils/cpu_triton_utils.py``), so a
+synthetic profile cannot run here; ``--acceptance decay`` is still parsed and
+recorded."""
 
 from __future__ import annotations
 
@@ -16,18 +19,30 @@ pytestmark = pytest.mark.e2e
 def test_bench_writes_table_json_and_plot(tmp_path: Path) -> None:
     out = tmp_path / "bench"
     cmd = [sys.executable, "-m", "vllm_dflash.cli", "bench", "--preset", "tiny"]
-    cmd += ["--modes", "none,plugin", "--batch-sizes", "1,2", "--k", "7", "--tau", "0"]
+    cmd += ["--modes", "none,plugin-k3,adaptive", "--batch-sizes", "1,2"]
+    cmd += ["--k", "7", "--tau", "0", "--acceptance", "decay"]
     cmd += ["--prompt-len", "8", "--output-len", "16", "--enforce-eager"]
     cmd += ["--dtype", "float32", "--out", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     data = json.loads((out / "bench.json").read_text())
     rows = {(r["mode"], r["batch"]): r for r in data["rows"]}
-    assert set(rows) == {("none", 1), ("none", 2), ("plugin", 1), ("plugin", 2)}
+    modes = ("none", "plugin-k3", "adaptive")
+    assert list(rows) == [(m, b) for b in (1, 2) for m in modes]
     assert all(
         r["tokens"] == 16 * r["batch"] and r["tok_per_s"] > 0 for r in rows.values()
     )
     assert rows[("none", 1)]["acceptance_length"] is None
-    assert rows[("plugin", 2)]["acceptance_length"] >= 1.0
+    assert [rows[(m, 1)]["k"] for m in modes] == [0, 3, 7]
+    # At most K drafts accepted per step: 1 <= tau <= K + 1.
+    assert 1.0 <= rows[("plugin-k3", 2)]["acceptance_length"] <= 4.0
+    assert 1.0 <= rows[("adaptive", 2)]["acceptance_length"] <= 8.0
+    meta = data["meta"]
+    assert meta["acceptance"] == "decay" and meta["synthetic"] is False
+    assert meta["capture_sizes"] == [1, 2, 4, 8, 16]
+    assert [s["best_fixed"] for s in data["summary"]] == ["plugin-k3"] * 2
+    assert all(s["adaptive_vs_none"] > 0 for s in data["summary"])
     assert (out / "bench.png").stat().st_size > 1000
-    assert "vs none" in proc.stdout
+    table = proc.stdout
+    assert "vs none" in table and "adaptive/best" in table
+    assert all(f" {m} " in table for m in modes)

@@ -1,0 +1,165 @@
+"""``vllm-dflash bench`` without an engine: the ``--modes`` grammar, the
+synthetic acceptance profiles each mode's engine gets, and the CUDA-graph
+sizes shared by every mode of a run."""
+
+from __future__ import annotations
+
+import pytest
+
+from vllm_dflash import adaptive, bench
+from vllm_dflash.bench import BenchRow, Mode, parse_mode
+from vllm_dflash.config import DFlashConfigError
+
+
+@pytest.mark.parametrize(
+    ("name", "impl", "k", "is_adaptive"),
+    [
+        ("none", "none", 0, False),
+        ("native", "native", 15, False),
+        ("plugin", "plugin", 15, False),
+        ("plugin-k3", "plugin", 3, False),
+        ("native-k7", "native", 7, False),
+        ("adaptive", "plugin", 15, True),
+    ],
+)
+def test_mode_grammar(name: str, impl: str, k: int, is_adaptive: bool) -> None:
+    assert parse_mode(name, 15) == Mode(name, impl, k, is_adaptive)
+
+
+@pytest.mark.parametrize(
+    "name", ["plugin-k0", "plugin-k", "plugin-kx", "eagle", "none-k3", "adaptive-k3"]
+)
+def test_unknown_modes_name_the_mode_and_the_grammar(name: str) -> None:
+    with pytest.raises(DFlashConfigError, match=f"--modes={name!r}.*plugin-kN"):
+        parse_mode(name, 15)
+
+
+def test_parse_modes_keeps_order_and_rejects_repeats() -> None:
+    assert [m.name for m in bench.parse_modes("adaptive, none", 7)] == [
+        "adaptive",
+        "none",
+    ]
+    with pytest.raises(DFlashConfigError, match="once"):
+        bench.parse_modes("plugin,plugin", 7)
+    assert [m.name for m in bench.parse_modes(",".join(bench.MODES), 7)] == [
+        "none",
+        "native",
+        "plugin",
+    ]
+
+
+def test_every_speculative_mode_sets_adaptive_k_explicitly() -> None:
+    env = {m: parse_mode(m, 15).env for m in ("native", "plugin-k3", "adaptive")}
+    assert env["native"] == {
+        "VLLM_DFLASH_USE_NATIVE": "1",
+        "VLLM_DFLASH_ADAPTIVE_K": "0",
+    }
+    assert env["plugin-k3"] == {
+        "VLLM_DFLASH_USE_NATIVE": "0",
+        "VLLM_DFLASH_ADAPTIVE_K": "0",
+    }
+    assert env["adaptive"]["VLLM_DFLASH_ADAPTIVE_K"] == "1"
+    assert parse_mode("none", 15).env == {}
+
+
+def test_decay_profile_is_shaped_like_published_dflash_figures() -> None:
+    rates = list(bench.DECAY_RATES)
+    assert len(rates) == 15 and bench.validate_rates(rates) == rates
+    assert rates[0] == pytest.approx(0.75, abs=0.05) and rates[7] < 0.20
+    # Expected tokens per step grow ever slower with K: what adaptive K is for.
+    gains = [
+        adaptive.expected_tokens_per_step(rates, k + 1)
+        - adaptive.expected_tokens_per_step(rates, k)
+        for k in range(15)
+    ]
+    assert gains == sorted(gains, reverse=True)
+
+
+def test_rates_are_cut_or_padded_to_the_mode_k() -> None:
+    assert bench.rates_for_k([0.9, 0.5, 0.2], 2) == [0.9, 0.5]
+    assert bench.rates_for_k([0.9, 0.5, 0.2], 5) == [0.9, 0.5, 0.2, 0.2, 0.2]
+    decay = list(bench.DECAY_RATES)
+    assert bench.rates_for_k(decay, 15) == decay
+    assert bench.rates_for_k(decay, 16)[-2:] == [0.03, 0.03]
+
+
+@pytest.mark.parametrize("text", ["0.5,0.7", "1.2,0.5", "-0.1", "0.5,x", "", "nan"])
+def test_bad_rates_fail_with_the_option_and_the_fix(text: str) -> None:
+    with pytest.raises(DFlashConfigError, match=r"--acceptance.*(non-increasing|R1)"):
+        bench.parse_acceptance(text)
+
+
+def test_acceptance_profiles() -> None:
+    assert bench.parse_acceptance("flat") == ("flat", None)
+    assert bench.parse_acceptance("decay") == ("decay", list(bench.DECAY_RATES))
+    assert bench.parse_acceptance("0.8,0.8,0.1") == ("custom", [0.8, 0.8, 0.1])
+
+
+def test_each_mode_gets_rates_for_its_own_k() -> None:
+    decay = list(bench.DECAY_RATES)
+    k3, plugin, none = (parse_mode(m, 15) for m in ("plugin-k3", "plugin", "none"))
+    assert bench.mode_rates(k3, decay, 7.8, 15) == decay[:3]
+    assert bench.mode_rates(plugin, decay, 7.8, 15) == decay
+    assert bench.mode_rates(none, decay, 7.8, 15) is None
+    # --tau 0 is real acceptance whatever the profile.
+    assert bench.mode_rates(k3, decay, None, 15) is None
+    # Flat at K = --k is vLLM's own synthetic_acceptance_length; at a smaller
+    # K, the same drafter verified at fewer positions.
+    assert bench.mode_rates(plugin, None, 7.8, 15) is None
+    assert bench.mode_rates(k3, None, 7.8, 15) == [1.0, 1.0, 1.0]
+    rates = bench.mode_rates(parse_mode("plugin-k8", 15), None, 7.8, 15)
+    assert rates == pytest.approx([1.0] * 6 + [0.8, 0.0])
+
+
+def test_flat_rates_match_the_acceptance_length() -> None:
+    for tau, k in ((7.8, 15), (1.0, 3), (4.0, 3), (2.5, 7)):
+        rates = bench.flat_rates(tau, k)
+        assert len(rates) == k
+        assert adaptive.expected_tokens_per_step(rates, k) == pytest.approx(tau)
+    with pytest.raises(DFlashConfigError, match="--tau"):
+        bench.flat_rates(7.8, 3)
+
+
+def test_capture_sizes_are_the_union_over_modes_and_adaptive_ks() -> None:
+    modes = bench.parse_modes("none,plugin-k3,adaptive", 7)
+    assert adaptive.candidate_ks(7) == (0, 1, 3, 7)
+    assert bench.capture_sizes([1, 8], modes) == [1, 2, 4, 8, 16, 32, 64]
+    assert bench.capture_sizes([1, 8], bench.parse_modes("none,native,plugin", 15)) == [
+        1,
+        8,
+        16,
+        128,
+    ]
+
+
+def _row(mode: str, batch: int, tok_s: float, k: int) -> BenchRow:
+    return BenchRow(mode, batch, 10, 1.0, tok_s, None, "v2", k)
+
+
+def test_summary_and_table_name_every_mode(capsys: pytest.CaptureFixture[str]) -> None:
+    rows = [
+        _row("adaptive", 1, 300.0, 15),
+        _row("plugin-k3", 1, 200.0, 3),
+        _row("plugin", 1, 250.0, 15),
+        _row("native-k15", 1, 125.0, 15),
+        _row("none", 1, 100.0, 0),
+        _row("plugin-k3", 8, 800.0, 3),
+        _row("none", 8, 400.0, 0),
+    ]
+    assert [r.mode for r in bench._sorted(rows)][:5] == [
+        "none",
+        "native-k15",
+        "plugin-k3",
+        "plugin",
+        "adaptive",
+    ]
+    one, eight = bench.summarize(rows)
+    assert one["best_fixed"] == "plugin" and one["best_fixed_tok_per_s"] == 250.0
+    assert one["adaptive_vs_best_fixed"] == pytest.approx(1.2)
+    assert one["adaptive_vs_none"] == pytest.approx(3.0)
+    assert eight["best_fixed"] == "plugin-k3" and eight["adaptive_vs_none"] is None
+    bench.print_table(rows, 15)
+    table = capsys.readouterr().out
+    # vs native: native-k15 stands in for native when only it ran.
+    assert "   plugin  15     v2      1      250.0      -    2.50x     2.00x" in table
+    assert "adaptive/best" in table and "1.20x" in table
