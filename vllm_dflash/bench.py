@@ -338,6 +338,8 @@ class BenchSpec:
     skip_tokenizer_init: bool = True
     profile_path: str | None = None
     """Write a torch-profiler table of a batch-1 run here (in-process engine)."""
+    long_output_len: int = 0
+    """After the batches, one request of this many output tokens (0: none)."""
 
 
 @dataclass
@@ -352,6 +354,8 @@ class BenchRow:
     """Model runner the engine used: "v1" or "v2"."""
     k: int = 0
     """num_speculative_tokens of the mode (the maximum for adaptive)."""
+    output_len: int = 0
+    """Output tokens per request; rows of ``--long-output-len`` differ."""
 
 
 def _spec_metrics(llm: Any) -> tuple[float, float]:
@@ -424,11 +428,14 @@ def _worker(spec: BenchSpec) -> list[BenchRow]:
     rng = random.Random(0)
     vocab = json.loads(Path(spec.target, "config.json").read_text())["vocab_size"]
     low, high = min(1000, vocab // 4), min(30000, vocab // 2)
-    params = SamplingParams(
-        max_tokens=spec.output_len, temperature=0.0, ignore_eos=True, detokenize=False
-    )
     rows = []
-    for batch in spec.batch_sizes:
+    runs = [(batch, spec.output_len) for batch in spec.batch_sizes]
+    if spec.long_output_len:
+        runs.append((1, spec.long_output_len))
+    for batch, output_len in runs:
+        params = SamplingParams(
+            max_tokens=output_len, temperature=0.0, ignore_eos=True, detokenize=False
+        )
         prompts: Any = [
             {
                 "prompt_token_ids": [
@@ -437,7 +444,13 @@ def _worker(spec: BenchSpec) -> list[BenchRow]:
             }
             for _ in range(batch)
         ]
-        llm.generate(prompts[: min(batch, 2)], params, use_tqdm=False)  # warm-up
+        warmup = SamplingParams(
+            max_tokens=min(output_len, spec.output_len),
+            temperature=0.0,
+            ignore_eos=True,
+            detokenize=False,
+        )
+        llm.generate(prompts[: min(batch, 2)], warmup, use_tqdm=False)
         before = _spec_metrics(llm)
         start = time.perf_counter()
         outs = llm.generate(prompts, params, use_tqdm=False)
@@ -448,12 +461,21 @@ def _worker(spec: BenchSpec) -> list[BenchRow]:
         tau = 1 + (after[1] - before[1]) / drafts if drafts else None
         rows.append(
             BenchRow(
-                spec.mode, batch, tokens, seconds, tokens / seconds, tau, runner, spec.k
+                spec.mode,
+                batch,
+                tokens,
+                seconds,
+                tokens / seconds,
+                tau,
+                runner,
+                spec.k,
+                output_len,
             )
         )
         print(
-            f"[bench] {spec.mode:>10} ({runner}) batch {batch:>3}: "
-            f"{tokens / seconds:9.1f} tok/s" + (f"  tau {tau:.2f}" if tau else ""),
+            f"[bench] {spec.mode:>10} ({runner}) batch {batch:>3} x {output_len} "
+            f"tokens: {tokens / seconds:9.1f} tok/s ({seconds:.2f} s)"
+            + (f"  tau {tau:.2f}" if tau else ""),
             file=sys.stderr,
             flush=True,
         )
@@ -556,6 +578,22 @@ def _ratio(x: float | None) -> str:
     return "-" if x is None else f"{x:.2f}x"
 
 
+def print_long(rows: list[BenchRow]) -> None:
+    """The single long request (``--long-output-len``): seconds and speedup."""
+    base = next((r for r in rows if r.mode == "none"), None)
+    print(
+        f"{'mode':>12} {'output':>7} {'seconds':>8} {'tok/s':>9} {'tau':>6} "
+        f"{'vs none':>8}"
+    )
+    for r in rows:
+        tau = f"{r.acceptance_length:.2f}" if r.acceptance_length else "-"
+        vs = f"{r.tok_per_s / base.tok_per_s:.2f}x" if base else "-"
+        print(
+            f"{r.mode:>12} {r.output_len:>7} {r.seconds:>8.2f} {r.tok_per_s:>9.1f} "
+            f"{tau:>6} {vs:>8}"
+        )
+
+
 def print_table(rows: list[BenchRow], k: int) -> None:
     """One line per mode and batch; ``k`` (--k) picks the native reference
     where only ``native-kN`` ran. Then a summary per batch if it says anything."""
@@ -652,6 +690,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=256)
+    p.add_argument(
+        "--long-output-len",
+        type=int,
+        default=0,
+        help="also time one request of this many output tokens in each engine "
+        "(e.g. 4096: the Gemma 4 reference scenario)",
+    )
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--enforce-eager", action="store_true")
     p.add_argument("--load-format", default="dummy")
@@ -702,6 +747,7 @@ def bench_command(args: argparse.Namespace) -> int:
     sizes = capture_sizes(batches, modes)
     max_k = max(k for mode in modes for k in mode.ks)
     rows: list[BenchRow] = []
+    long_rows: list[BenchRow] = []
     failed: list[str] = []
     for mode in modes:
         print(
@@ -720,7 +766,10 @@ def bench_command(args: argparse.Namespace) -> int:
             dtype=args.dtype,
             enforce_eager=args.enforce_eager,
             load_format=args.load_format,
-            max_model_len=args.prompt_len + args.output_len + 64,
+            max_model_len=args.prompt_len
+            + max(args.output_len, args.long_output_len)
+            + 64,
+            long_output_len=args.long_output_len,
             attention_backend=attention_backend,
             draft_attention_backend=draft_attention_backend,
             env=mode.env,
@@ -734,10 +783,13 @@ def bench_command(args: argparse.Namespace) -> int:
             ),
         )
         mode_rows = run_mode(spec, out / f"{mode.name}.log")
-        rows += mode_rows
+        long_rows += [r for r in mode_rows if r.output_len != args.output_len]
+        rows += [r for r in mode_rows if r.output_len == args.output_len]
         if not mode_rows:
             failed.append(mode.name)
     print_table(rows, args.k)
+    if long_rows:
+        print_long(long_rows)
     meta = {
         "preset": None if args.target else args.preset,
         "k": args.k,
@@ -749,6 +801,7 @@ def bench_command(args: argparse.Namespace) -> int:
         "capture_sizes": sizes,
         "prompt_len": args.prompt_len,
         "output_len": args.output_len,
+        "long_output_len": args.long_output_len,
         "dtype": args.dtype,
         "runners": {r.mode: r.runner for r in rows},
         "attention_backend": attention_backend,
@@ -761,6 +814,7 @@ def bench_command(args: argparse.Namespace) -> int:
                 "meta": meta,
                 "rows": [asdict(r) for r in _sorted(rows)],
                 "summary": summarize(rows),
+                "long_rows": [asdict(r) for r in long_rows],
             },
             indent=2,
         )

@@ -21,7 +21,8 @@ def test_bench_writes_table_json_and_plot(tmp_path: Path) -> None:
     cmd = [sys.executable, "-m", "vllm_dflash.cli", "bench", "--preset", "tiny"]
     cmd += ["--modes", "none,plugin-k3,adaptive", "--batch-sizes", "1,2"]
     cmd += ["--k", "7", "--tau", "0", "--acceptance", "decay"]
-    cmd += ["--prompt-len", "8", "--output-len", "16", "--enforce-eager"]
+    cmd += ["--prompt-len", "8", "--output-len", "16", "--long-output-len", "40"]
+    cmd += ["--enforce-eager"]
     cmd += ["--dtype", "float32", "--out", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -42,6 +43,11 @@ def test_bench_writes_table_json_and_plot(tmp_path: Path) -> None:
     assert meta["capture_sizes"] == [1, 2, 4, 8, 16]
     assert [s["best_fixed"] for s in data["summary"]] == ["plugin-k3"] * 2
     assert all(s["adaptive_vs_none"] > 0 for s in data["summary"])
+    # The long single request (--long-output-len) runs in every engine.
+    long = {r["mode"]: r for r in data["long_rows"]}
+    assert list(long) == list(modes)
+    assert all(r["batch"] == 1 and r["tokens"] == 40 for r in long.values())
+    assert meta["long_output_len"] == 40
     assert (out / "bench.png").stat().st_size > 1000
     table = proc.stdout
     assert "vs none" in table and "adaptive/best" in table
