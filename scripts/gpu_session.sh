@@ -5,6 +5,7 @@
 #   bash scripts/gpu_session.sh install|checks|capture|profile
 #   bash scripts/gpu_session.sh bench NAME [vllm-dflash bench options]
 #   bash scripts/gpu_session.sh retire-vllm   # before moving another vLLM over
+#   bash scripts/gpu_session.sh swap-vllm     # back to the retired one (and forth)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=/tmp/site VLLM_USE_FLASHINFER_SAMPLER=0
@@ -44,6 +45,11 @@ case "$1" in
   retire-vllm)
     # Keep the installed vLLM aside and clear the stash for the next one.
     rm -rf /tmp/vllm-parts /tmp/site-prev && mv /tmp/site /tmp/site-prev && echo "vLLM moved to /tmp/site-prev"
+    ;;
+  swap-vllm)
+    # Exchange the installed vLLM with the one retire-vllm kept aside.
+    mv /tmp/site /tmp/site-swap && mv /tmp/site-prev /tmp/site && mv /tmp/site-swap /tmp/site-prev
+    python3 -c 'import vllm; print("vllm", vllm.__version__)'
     ;;
   profile)
     shift
