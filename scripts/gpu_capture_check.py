@@ -8,8 +8,10 @@ EAGLE-3 interface, in float32 with FLEX_ATTENTION for target and drafter:
 1. greedy output with the plugin equals output without speculation;
 2. the states captured in the first step equal a plain ``transformers``
    forward's ``hidden_states[i+1]`` (the +1 convention);
-3. a second plugin engine (vLLM's compile cache now warm, so the compiled
-   target is loaded, not traced) gives the same output again.
+3. a second plugin engine, on the default runner (V2 on vLLM 0.26; the first
+   runs V1, where the recorder can wrap the proposer) with vLLM's compile
+   cache now warm (the compiled target is loaded, not traced), gives the same
+   output again.
 
 Then, for the first family, ``VLLM_DFLASH_CAPTURE=0`` must stop at start-up
 naming the architecture. Writes ``gpu_capture_check.json``; exits non-zero if
@@ -36,8 +38,16 @@ FLEX = "FLEX_ATTENTION"
 
 
 def engine(
-    target: Path, drafter: Path | None, env: dict[str, str] | None = None
+    target: Path,
+    drafter: Path | None,
+    env: dict[str, str] | None = None,
+    record: Path | None = None,
 ) -> EngineResult:
+    """``record``: save the first DFlash step there (V1 runner: the recorder
+    wraps the V1 proposer's ``propose``)."""
+    if record is not None:
+        env = {**(env or {}), "DFLASH_RECORD_PATH": str(record)}
+        env["VLLM_USE_V2_MODEL_RUNNER"] = "0"
     return run(
         EngineSpec(
             target=str(target),
@@ -53,7 +63,7 @@ def engine(
             },
             speculative_extra={} if drafter is None else {"attention_backend": FLEX},
             worker_hook=None
-            if drafter is None
+            if record is None
             else "tests.e2e.recorder:record_first_step",
             env={
                 "PYTHONPATH": os.pathsep.join(
@@ -95,19 +105,20 @@ def check_family(out: Path, family: str) -> tuple[bool, dict[str, object]]:
     )
     plain = engine(target, None)
     record = out / f"{family}-first-step.pt"
-    plugin = engine(target, drafter, {"DFLASH_RECORD_PATH": str(record)})
+    plugin = engine(target, drafter, record=record)  # V1 runner
     err = capture_error(target, record)
-    again = engine(target, drafter, {"DFLASH_RECORD_PATH": str(record)})
+    again = engine(target, drafter)  # the default (V2) runner, warm compile cache
     report: dict[str, object] = {
-        "identical": plugin.outputs == plain.outputs,
-        "identical_second_run": again.outputs == plain.outputs,
+        "identical_v1": plugin.outputs == plain.outputs,
+        "identical_v2_second_run": again.outputs == plain.outputs,
         "capture_max_abs_error": err,
-        "plugin_class": plugin.drafter_class,
+        "plugin_class_v1": plugin.drafter_class,
+        "plugin_class_v2": again.drafter_class,
         "acceptance_length": plugin.acceptance_length,
     }
     ok = bool(
-        report["identical"]
-        and report["identical_second_run"]
+        report["identical_v1"]
+        and report["identical_v2_second_run"]
         and err < 1e-2
         and plugin.drafter_class == "vllm_dflash.proposer.DFlashProposer"
     )

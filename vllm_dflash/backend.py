@@ -81,3 +81,41 @@ def backend_enum(name: str) -> Any:
     from vllm_dflash import compat
 
     return compat.AttentionBackendEnum[name]
+
+
+# vLLM releases below this one crashed with FLEX_ATTENTION under DFlash:
+# measured on an H200 with vLLM 0.20.0 (fp32, target and drafter on
+# FLEX_ATTENTION, V1 runner, CUDA graphs): "CUDA error: an illegal memory
+# access was encountered" in the first decode steps, while the same engine
+# without speculation, and the same config on vLLM 0.26.0, ran losslessly.
+# The cause (FlexAttention's full-CUDA-graph metadata changed between the two
+# releases) and which of the two models triggers it were not isolated, so both
+# are refused.
+FLEX_SAFE_FROM = (0, 26)
+
+
+def refuse_known_crashes(
+    target_backend: str | None,
+    drafter_backend: str | None,
+    vllm_version: str,
+    *,
+    drafter_field: str = SPEC_FIELD,
+) -> None:
+    """Refuse, at start-up, backend choices that crashed mid-request."""
+    from vllm_dflash.support import version_tuple
+
+    if version_tuple(vllm_version) >= FLEX_SAFE_FROM:
+        return
+    for field, name in (
+        ("attention_backend", target_backend),
+        (drafter_field, drafter_backend),
+    ):
+        if name == "FLEX_ATTENTION":
+            raise DFlashConfigError(
+                field,
+                name,
+                f"With DFlash on vLLM {vllm_version}, FLEX_ATTENTION crashed the "
+                "engine mid-request (CUDA illegal memory access, measured on an "
+                "H200). Use FLASH_ATTN (or TRITON_ATTN for the target), or vLLM "
+                ">= 0.26, where this config runs.",
+            )

@@ -11,7 +11,9 @@ only the worker process imports it, through ``model`` and ``proposer``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -275,10 +277,21 @@ def sample_draft_tokens(
     return drafts, probs
 
 
-def has_dynamic_speculative_decoding() -> bool:
-    """Whether this vLLM varies the number of drafts per step
-    (``SpeculativeConfig.num_speculative_tokens_per_batch_size``, >= 0.26)."""
-    from vllm.config import SpeculativeConfig
-
-    fields = getattr(SpeculativeConfig, "__dataclass_fields__", {})
-    return "num_speculative_tokens_per_batch_size" in fields
+@contextlib.contextmanager
+def single_draft_length(vllm_config: Any) -> Iterator[None]:
+    """Hide a dynamic-K schedule (``num_speculative_tokens_per_batch_size``)
+    while the drafter's CUDA-graph manager is built: vLLM 0.26's manager then
+    plans decode graphs for every scheduled K (query length K + 1), but the
+    DFlash block is always K_max + 1 tokens per request, whatever K the
+    scheduler verifies; a graph planned for a shorter query would be chosen
+    and mis-shape the block (seen on the H200 with adaptive K)."""
+    spec: Any = getattr(vllm_config, "speculative_config", None)
+    schedule = getattr(spec, "num_speculative_tokens_per_batch_size", None)
+    if schedule is None:
+        yield
+        return
+    spec.num_speculative_tokens_per_batch_size = None
+    try:
+        yield
+    finally:
+        spec.num_speculative_tokens_per_batch_size = schedule

@@ -450,9 +450,10 @@ def inject_adaptive_schedule(speculative: dict[str, Any]) -> str | None:
     k = speculative.get("num_speculative_tokens")
     if not isinstance(k, int) or k < 1:
         return "num_speculative_tokens is not set"
-    from vllm_dflash import compat
+    from vllm_dflash import support
 
-    if not compat.has_dynamic_speculative_decoding():
+    fields = support.speculative_config_fields() or set()
+    if "num_speculative_tokens_per_batch_size" not in fields:
         return "this vLLM has no dynamic speculative decoding (needs >= 0.26)"
     speculative["num_speculative_tokens_per_batch_size"] = adaptive.capture_schedule(k)
     return None

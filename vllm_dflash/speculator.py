@@ -161,9 +161,10 @@ class DFlashSpeculator(compat.DraftModelSpeculator):
         # The block has one shape per batch size, so its graphs are FULL ones
         # for uniform batches of Q tokens per request; nothing piecewise.
         chosen = mode.FULL_DECODE_ONLY if wants_full and supports_full else mode.NONE
-        self._graphs = compat.CudaGraphManager(
-            self.vllm_config, self.device, chosen, decode_query_len=self.block_len
-        )
+        with compat.single_draft_length(self.vllm_config):
+            self._graphs = compat.CudaGraphManager(
+                self.vllm_config, self.device, chosen, decode_query_len=self.block_len
+            )
 
     def capture(self) -> None:
         if self._graphs is None or not self._graphs.needs_capture():

@@ -179,3 +179,28 @@ def test_injection_only_for_dflash_with_the_switch(
     monkeypatch.setenv("VLLM_DFLASH_ADAPTIVE_K", "maybe")
     with pytest.raises(ValueError, match="VLLM_DFLASH_ADAPTIVE_K='maybe'"):
         patching.inject_adaptive_schedule(dict(spec))
+
+
+def test_drafter_graphs_are_planned_for_one_block_length() -> None:
+    """vLLM plans decode graphs per scheduled K when a dynamic schedule is
+    set; the drafter's graph manager is built with the schedule hidden (its
+    block is always K_max + 1 long), and the schedule is back afterwards,
+    also when building fails."""
+    from types import SimpleNamespace
+
+    from vllm_dflash import compat
+
+    schedule = adaptive.capture_schedule(15)
+    config = SimpleNamespace(
+        speculative_config=SimpleNamespace(
+            num_speculative_tokens_per_batch_size=schedule
+        )
+    )
+    with compat.single_draft_length(config):
+        assert config.speculative_config.num_speculative_tokens_per_batch_size is None
+    assert config.speculative_config.num_speculative_tokens_per_batch_size == schedule
+    with pytest.raises(RuntimeError), compat.single_draft_length(config):
+        raise RuntimeError("capture failed")
+    assert config.speculative_config.num_speculative_tokens_per_batch_size == schedule
+    with compat.single_draft_length(SimpleNamespace(speculative_config=None)):
+        pass

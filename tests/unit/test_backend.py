@@ -48,3 +48,23 @@ def test_causal_only_backend_is_refused(name: str) -> None:
 def test_unknown_backend_is_named() -> None:
     with pytest.raises(DFlashConfigError, match="Known backends"):
         backend.check_non_causal("NOT_A_BACKEND")
+
+
+def test_flex_attention_refused_where_it_crashed() -> None:
+    """vLLM 0.20 + FLEX_ATTENTION + DFlash crashed mid-request on an H200:
+    refused at start-up there, for the target and the drafter; allowed from
+    vLLM 0.26 (measured lossless) and for every other backend."""
+    with pytest.raises(DFlashConfigError, match="attention_backend.*FLEX_ATTENTION"):
+        backend.refuse_known_crashes("FLEX_ATTENTION", "FLASH_ATTN", "0.20.0")
+    with pytest.raises(
+        DFlashConfigError, match="VLLM_DFLASH_DRAFT_ATTENTION_BACKEND.*FLASH_ATTN"
+    ):
+        backend.refuse_known_crashes(
+            "TRITON_ATTN",
+            "FLEX_ATTENTION",
+            "0.21.1",
+            drafter_field="VLLM_DFLASH_DRAFT_ATTENTION_BACKEND",
+        )
+    backend.refuse_known_crashes("FLEX_ATTENTION", "FLEX_ATTENTION", "0.26.0")
+    backend.refuse_known_crashes("TRITON_ATTN", "FLASH_ATTN", "0.20.0")
+    backend.refuse_known_crashes(None, None, "0.20.0")
