@@ -126,7 +126,8 @@ class AcceptanceEstimate:
     def conditional(self) -> list[float]:
         w, p = self.prior_weight, self.prior
         return [
-            (a + w * p) / (t + w) for a, t in zip(self.accepted, self.tried, strict=True)
+            (a + w * p) / (t + w)
+            for a, t in zip(self.accepted, self.tried, strict=True)
         ]
 
     def expected_accepted(self, k: int) -> float:
@@ -245,9 +246,7 @@ class AdaptiveDraftLength:
         if len(ks) != 1:
             return
         (k,) = ks
-        if k not in self.ks or any(
-            n != 1 + k for n in num_scheduled_tokens.values()
-        ):
+        if k not in self.ks or any(n != 1 + k for n in num_scheduled_tokens.values()):
             return  # a prefill or a request clipped at max_model_len
         self.cost.observe(len(num_scheduled_tokens) * (1 + k), seconds)
 
