@@ -83,6 +83,9 @@ class TrainConfig:
     heldout: float = 0.1
     """Fraction of sequences kept out of training for the acceptance estimate."""
     eval_every: int = 100
+    time_limit: float | None = None
+    """Seconds of training after which the run stops early (then evaluates
+    and saves); None: run all ``steps``."""
     device: str = "cpu"
     target_dtype: str = "auto"
     """Dtype the frozen target runs in; auto: float32 on CPU, bfloat16 else."""
@@ -585,6 +588,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     bar = tqdm(total=cfg.steps, desc="train drafter", disable=not cfg.progress)
     held_out = Heldout(float("nan"), float("nan"), 0)
     recent: list[float] = []
+    loop_start = time.perf_counter()
+    done = 0
     for step in range(cfg.steps):
         chosen = [
             train_seqs[rng.randrange(len(train_seqs))] for _ in range(cfg.batch_size)
@@ -606,14 +611,21 @@ def train(cfg: TrainConfig) -> TrainResult:
         opt.step()
         sched.step()
         recent = [*recent[-(cfg.eval_every - 1) :], loss.item()]
-        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+        done = step + 1
+        out_of_time = (
+            cfg.time_limit is not None
+            and time.perf_counter() - loop_start > cfg.time_limit
+        )
+        if done % cfg.eval_every == 0 or done == cfg.steps or out_of_time:
             held_out = evaluate(drafter, target, held, layer_ids)
         bar.set_postfix(loss=f"{loss.item():.3f}", heldout_tau=f"{held_out.tau:.2f}")
         bar.update()
+        if out_of_time:
+            break
     bar.close()
 
     result = TrainResult(
-        steps=cfg.steps,
+        steps=done,
         loss=sum(recent) / len(recent),
         heldout_acceptance=held_out.tau,
         heldout_first_token_accuracy=held_out.first_accuracy,
@@ -684,6 +696,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--new-tokens", type=int, default=d.new_tokens)
     p.add_argument("--eval-every", type=int, default=d.eval_every)
+    p.add_argument(
+        "--time-limit",
+        type=float,
+        help="stop after this many seconds of training, then evaluate and save",
+    )
     p.add_argument("--device", default=d.device, help="cpu, cuda, cuda:1 ...")
     p.add_argument("--target-dtype", default=d.target_dtype)
     p.add_argument("--save-dtype", default=d.save_dtype)
@@ -709,6 +726,7 @@ def train_command(args: argparse.Namespace) -> int:
         prompt_len=(args.prompt_len[0], args.prompt_len[-1]),
         new_tokens=args.new_tokens,
         eval_every=args.eval_every,
+        time_limit=args.time_limit,
         device=args.device,
         target_dtype=args.target_dtype,
         save_dtype=args.save_dtype,
