@@ -26,7 +26,7 @@ if [ "$SMALL" = 1 ]; then
   BUILD=(--small)
   TRAIN=(--device cpu --num-layers 2 --intermediate-size 256 --target-layer-ids 1,2
     --steps 300 --lr 3e-3 --num-prompts 256 --new-tokens 96 --prompt-len 2,96
-    --eval-every 100 --time-limit "${GPU_TRAIN_SECONDS:-240}")
+    --eval-every 100 --time-limit "${GPU_TRAIN_SECONDS:-120}")
   BENCH=(--modes "${GPU_TRAIN_MODES:-none,plugin}" --batch-sizes 1 --prompt-len 32
     --output-len 64 --enforce-eager --dtype float32)
   LIMITS=(120 420 900)
@@ -38,7 +38,7 @@ else
     timeout 60 "$PY" -m pip install --no-deps --no-build-isolation -q -e . \
       > "$OUT/pip.log" 2>&1
   BUILD=()
-  TRAIN=(--device cuda --num-layers 5 --steps 2500 --lr 1e-3 --num-prompts 1024
+  TRAIN=(--device cuda --tf32 --num-layers 5 --steps 1500 --lr 1e-3 --num-prompts 1024
     --new-tokens 192 --prompt-len 2,64 --eval-every 500
     --time-limit "${GPU_TRAIN_SECONDS:-120}")
   BENCH=(--modes "${GPU_TRAIN_MODES:-none,native,plugin}" --batch-sizes 1,8

@@ -155,7 +155,7 @@ def summary(work: Path, out: Path) -> int:
     target, train = result["target"] or {}, result["training"] or {}
     print("== gpu_train summary ==")
     print(
-        f"target: {target.get('parameters', 0) / 1e9:.2f} B parameters, greedy "
+        f"target: {target.get('parameters', 0) / 1e6:.1f} M parameters, greedy "
         f"follows successor {target.get('greedy_follows_successor')}, built in "
         f"{target.get('build_s')} s on {target.get('device')}"
     )

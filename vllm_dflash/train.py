@@ -90,6 +90,9 @@ class TrainConfig:
     target_dtype: str = "auto"
     """Dtype the frozen target runs in; auto: float32 on CPU, bfloat16 else."""
     save_dtype: str = "bfloat16"
+    tf32: bool = False
+    """Let CUDA run the drafter's float32 matmuls in TF32 (several times
+    faster on Ampere and later, a little less exact)."""
     seed: int = 0
     progress: bool = True
     extra_config: dict[str, Any] = field(default_factory=dict)
@@ -537,6 +540,9 @@ def train(cfg: TrainConfig) -> TrainResult:
     """Run the recipe and write the drafter to ``cfg.output``."""
     start_time = time.perf_counter()
     device = torch.device(cfg.device)
+    if cfg.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
     target_cfg = json.loads((Path(cfg.target) / "config.json").read_text())
@@ -704,6 +710,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=d.device, help="cpu, cuda, cuda:1 ...")
     p.add_argument("--target-dtype", default=d.target_dtype)
     p.add_argument("--save-dtype", default=d.save_dtype)
+    p.add_argument(
+        "--tf32", action="store_true", help="TF32 matmuls on CUDA (faster training)"
+    )
     p.add_argument("--seed", type=int, default=d.seed)
 
 
@@ -730,6 +739,7 @@ def train_command(args: argparse.Namespace) -> int:
         device=args.device,
         target_dtype=args.target_dtype,
         save_dtype=args.save_dtype,
+        tf32=args.tf32,
         seed=args.seed,
     )
     result = train(cfg)
