@@ -83,10 +83,16 @@ class TrainConfig:
     heldout: float = 0.1
     """Fraction of sequences kept out of training for the acceptance estimate."""
     eval_every: int = 100
+    time_limit: float | None = None
+    """Seconds of training after which the run stops early (then evaluates
+    and saves); None: run all ``steps``."""
     device: str = "cpu"
     target_dtype: str = "auto"
     """Dtype the frozen target runs in; auto: float32 on CPU, bfloat16 else."""
     save_dtype: str = "bfloat16"
+    tf32: bool = False
+    """Let CUDA run the drafter's float32 matmuls in TF32 (several times
+    faster on Ampere and later, a little less exact)."""
     seed: int = 0
     progress: bool = True
     extra_config: dict[str, Any] = field(default_factory=dict)
@@ -534,6 +540,9 @@ def train(cfg: TrainConfig) -> TrainResult:
     """Run the recipe and write the drafter to ``cfg.output``."""
     start_time = time.perf_counter()
     device = torch.device(cfg.device)
+    if cfg.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
     target_cfg = json.loads((Path(cfg.target) / "config.json").read_text())
@@ -585,6 +594,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     bar = tqdm(total=cfg.steps, desc="train drafter", disable=not cfg.progress)
     held_out = Heldout(float("nan"), float("nan"), 0)
     recent: list[float] = []
+    loop_start = time.perf_counter()
+    done = 0
     for step in range(cfg.steps):
         chosen = [
             train_seqs[rng.randrange(len(train_seqs))] for _ in range(cfg.batch_size)
@@ -606,14 +617,21 @@ def train(cfg: TrainConfig) -> TrainResult:
         opt.step()
         sched.step()
         recent = [*recent[-(cfg.eval_every - 1) :], loss.item()]
-        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+        done = step + 1
+        out_of_time = (
+            cfg.time_limit is not None
+            and time.perf_counter() - loop_start > cfg.time_limit
+        )
+        if done % cfg.eval_every == 0 or done == cfg.steps or out_of_time:
             held_out = evaluate(drafter, target, held, layer_ids)
         bar.set_postfix(loss=f"{loss.item():.3f}", heldout_tau=f"{held_out.tau:.2f}")
         bar.update()
+        if out_of_time:
+            break
     bar.close()
 
     result = TrainResult(
-        steps=cfg.steps,
+        steps=done,
         loss=sum(recent) / len(recent),
         heldout_acceptance=held_out.tau,
         heldout_first_token_accuracy=held_out.first_accuracy,
@@ -684,9 +702,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--new-tokens", type=int, default=d.new_tokens)
     p.add_argument("--eval-every", type=int, default=d.eval_every)
+    p.add_argument(
+        "--time-limit",
+        type=float,
+        help="stop after this many seconds of training, then evaluate and save",
+    )
     p.add_argument("--device", default=d.device, help="cpu, cuda, cuda:1 ...")
     p.add_argument("--target-dtype", default=d.target_dtype)
     p.add_argument("--save-dtype", default=d.save_dtype)
+    p.add_argument(
+        "--tf32", action="store_true", help="TF32 matmuls on CUDA (faster training)"
+    )
     p.add_argument("--seed", type=int, default=d.seed)
 
 
@@ -709,9 +735,11 @@ def train_command(args: argparse.Namespace) -> int:
         prompt_len=(args.prompt_len[0], args.prompt_len[-1]),
         new_tokens=args.new_tokens,
         eval_every=args.eval_every,
+        time_limit=args.time_limit,
         device=args.device,
         target_dtype=args.target_dtype,
         save_dtype=args.save_dtype,
+        tf32=args.tf32,
         seed=args.seed,
     )
     result = train(cfg)
