@@ -54,10 +54,10 @@ def test_flex_attention_refused_where_it_crashed() -> None:
     """vLLM 0.20 + FLEX_ATTENTION + DFlash crashed mid-request on an H200:
     refused at start-up there, for the target and the drafter; allowed from
     vLLM 0.26 (measured lossless) and for every other backend."""
-    with pytest.raises(DFlashConfigError, match="attention_backend.*FLEX_ATTENTION"):
+    with pytest.raises(DFlashConfigError, match=r"attention_backend.*FLEX_ATTENTION"):
         backend.refuse_known_crashes("FLEX_ATTENTION", "FLASH_ATTN", "0.20.0")
     with pytest.raises(
-        DFlashConfigError, match="VLLM_DFLASH_DRAFT_ATTENTION_BACKEND.*FLASH_ATTN"
+        DFlashConfigError, match=r"VLLM_DFLASH_DRAFT_ATTENTION_BACKEND.*FLASH_ATTN"
     ):
         backend.refuse_known_crashes(
             "TRITON_ATTN",
