@@ -204,7 +204,7 @@ def patch_engine_config_check(module: ModuleType) -> None:
 
     @functools.wraps(original)
     def create_engine_config(self: Any, *args: object, **kwargs: object) -> object:
-        if isinstance(self.speculative_config, dict):
+        if isinstance(getattr(self, "speculative_config", None), dict):
             speculative = dict(self.speculative_config)  # not the caller's dict
             why_not = inject_adaptive_schedule(speculative)
             if why_not is None:

@@ -130,3 +130,33 @@ def test_engine_config_builder_is_wrapped_once(
     config = EngineArgs().create_engine_config("ctx")
     assert config.usage == "ctx"
     assert seen == [config]
+
+
+def test_adaptive_schedule_reaches_vllm_not_the_callers_dict(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With VLLM_DFLASH_ADAPTIVE_K=1 the wrapped builder hands vLLM a DFlash
+    config with the placeholder schedule; the user's own dict is untouched."""
+    from vllm_dflash import adaptive
+
+    built: list[Any] = []
+
+    class EngineArgs:
+        def __init__(self, speculative_config: dict[str, Any]) -> None:
+            self.speculative_config = speculative_config
+
+        def create_engine_config(self) -> Any:
+            built.append(self.speculative_config)
+            return SimpleNamespace(speculative_config=None)
+
+    module = types.ModuleType("fake_arg_utils_adaptive")
+    module.EngineArgs = EngineArgs  # type: ignore[attr-defined]
+    monkeypatch.setattr(startup, "check_engine_config", lambda config: None)
+    monkeypatch.setenv("VLLM_DFLASH_ADAPTIVE_K", "1")
+    patching.patch_engine_config_check(module)
+    mine = {"method": "dflash", "model": "d", "num_speculative_tokens": 7}
+    EngineArgs(mine).create_engine_config()
+    assert "num_speculative_tokens_per_batch_size" not in mine
+    assert built[0]["num_speculative_tokens_per_batch_size"] == (
+        adaptive.capture_schedule(7)
+    )
