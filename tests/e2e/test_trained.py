@@ -13,6 +13,8 @@ an accepted run."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 
@@ -97,21 +99,30 @@ def truncate(out: list[int], stop: list[int]) -> list[int]:
     return out
 
 
-@pytest.fixture(scope="module")
-def with_stops(
-    trained: tiny.TrainedPair, prompts: list[list[int]], baseline: EngineResult
-) -> tuple[EngineResult, list[list[int]], list[list[int]]]:
-    runs = trainer_runs(trained, prompts, baseline.outputs)
-    stops = stops_inside_accepted_runs(baseline.outputs, runs)
-    result = run(
+def with_drafter(
+    trained: tiny.TrainedPair, prompts: list[list[int]], **spec: Any
+) -> EngineResult:
+    """The trained pair at K = block size - 1, greedy, MAX_TOKENS tokens."""
+    return run(
         EngineSpec(
             target=str(trained.target),
             drafter=str(trained.drafter),
             num_speculative_tokens=K,
             prompts=prompts,
             max_tokens=MAX_TOKENS,
-            request_params=[{"stop_token_ids": s} for s in stops],
+            **spec,
         )
+    )
+
+
+@pytest.fixture(scope="module")
+def with_stops(
+    trained: tiny.TrainedPair, prompts: list[list[int]], baseline: EngineResult
+) -> tuple[EngineResult, list[list[int]], list[list[int]]]:
+    runs = trainer_runs(trained, prompts, baseline.outputs)
+    stops = stops_inside_accepted_runs(baseline.outputs, runs)
+    result = with_drafter(
+        trained, prompts, request_params=[{"stop_token_ids": s} for s in stops]
     )
     return result, stops, runs
 
@@ -177,16 +188,7 @@ def test_adaptive_k_is_lossless_and_varies_k(
     for K each step. It tries several K (0 included: the first choice for a
     new token bin), settles on what the measurements favour, and the greedy
     output is still plain decoding's, whatever K each step verified."""
-    result = run(
-        EngineSpec(
-            target=str(trained.target),
-            drafter=str(trained.drafter),
-            num_speculative_tokens=K,
-            prompts=prompts,
-            max_tokens=MAX_TOKENS,
-            env={"VLLM_DFLASH_ADAPTIVE_K": "1"},
-        )
-    )
+    result = with_drafter(trained, prompts, env={"VLLM_DFLASH_ADAPTIVE_K": "1"})
     assert result.outputs == baseline.outputs
     steps = result.adaptive_k
     assert steps is not None, "the adaptive policy was not installed"
