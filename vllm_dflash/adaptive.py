@@ -22,7 +22,8 @@ maximise expected output tokens per second:
   is one step of target verify + drafting + host work. A bin is measured
   (``min_samples`` steps) before it is trusted, from K = 0 up and only while
   the K could still win (a bigger pass never costs less than a smaller one);
-  bins are shared across batch sizes, so this is a handful of steps per
+  bins are shared across batch sizes (steps without drafts are kept apart:
+  the V1 runner skips the drafter then), so this is a handful of steps per
   engine. The best choice's neighbours are re-measured every
   ``refresh_every`` decisions of a batch bucket.
 
@@ -143,31 +144,35 @@ class AcceptanceEstimate:
 @dataclass
 class StepCost:
     """Exponential moving average of decode-step seconds per token bin of the
-    verify pass (``batch x (1 + K)`` tokens)."""
+    verify pass (``batch x (1 + K)`` tokens), apart for steps with drafts and
+    without (K = 0: the V1 runner skips the drafter then)."""
 
     weight: float = 0.25
-    seconds: dict[int, float] = field(default_factory=dict)
-    samples: Counter[int] = field(default_factory=Counter)
+    seconds: dict[tuple[int, bool], float] = field(default_factory=dict)
+    samples: Counter[tuple[int, bool]] = field(default_factory=Counter)
 
-    def observe(self, num_tokens: int, seconds: float) -> None:
-        key = token_bin(num_tokens)
+    def observe(self, num_tokens: int, drafting: bool, seconds: float) -> None:
+        key = (token_bin(num_tokens), drafting)
         old = self.seconds.get(key)
         self.seconds[key] = (
             seconds if old is None else old + self.weight * (seconds - old)
         )
         self.samples[key] += 1
 
-    def estimate(self, num_tokens: int) -> float | None:
-        return self.seconds.get(token_bin(num_tokens))
+    def estimate(self, num_tokens: int, drafting: bool) -> float | None:
+        return self.seconds.get((token_bin(num_tokens), drafting))
 
-    def count(self, num_tokens: int) -> int:
-        return self.samples[token_bin(num_tokens)]
+    def count(self, num_tokens: int, drafting: bool) -> int:
+        return self.samples[(token_bin(num_tokens), drafting)]
 
-    def lower_bound(self, num_tokens: int) -> float | None:
-        """A floor for a pass over ``num_tokens``: the dearest measured pass
-        over no more tokens (cost does not fall as tokens grow)."""
+    def lower_bound(self, num_tokens: int, drafting: bool) -> float | None:
+        """A floor for a step over ``num_tokens``: the dearest measured step
+        over no more tokens (cost does not fall as tokens grow), counting
+        steps with drafts only as floors for steps with drafts."""
         key = token_bin(num_tokens)
-        below = [v for b, v in self.seconds.items() if b <= key]
+        below = [
+            v for (b, d), v in self.seconds.items() if b <= key and (drafting or not d)
+        ]
         return max(below) if below else None
 
 
@@ -207,9 +212,6 @@ class AdaptiveDraftLength:
             log_summary(self)
         return k
 
-    def __len__(self) -> int:  # vLLM only indexes; keep list-like anyway
-        return 1 << 20
-
     def choose(self, batch: int) -> int:
         """The K with the highest expected throughput at this batch size.
 
@@ -222,12 +224,12 @@ class AdaptiveDraftLength:
         best_k, best = 0, -1.0
         for k in self.ks:
             num_tokens = batch * (1 + k)
-            if self.cost.count(num_tokens) >= self.min_samples:
+            if self.cost.count(num_tokens, k > 0) >= self.min_samples:
                 rate = self.throughput(batch, k)
                 if rate > best:
                     best_k, best = k, rate
                 continue
-            floor = self.cost.lower_bound(num_tokens)
+            floor = self.cost.lower_bound(num_tokens, k > 0)
             gain = batch * (1.0 + self.acceptance.expected_accepted(k))
             if floor is None or gain / floor > best:
                 return k
@@ -244,7 +246,7 @@ class AdaptiveDraftLength:
 
     def throughput(self, batch: int, k: int) -> float:
         """Expected output tokens per second at this batch with K = k."""
-        seconds = self.cost.estimate(batch * (1 + k))
+        seconds = self.cost.estimate(batch * (1 + k), k > 0)
         if seconds is None or seconds <= 0:
             return 0.0
         return batch * (1.0 + self.acceptance.expected_accepted(k)) / seconds
@@ -275,7 +277,7 @@ class AdaptiveDraftLength:
         (k,) = ks
         if k not in self.ks or any(n != 1 + k for n in num_scheduled_tokens.values()):
             return  # a prefill or a request clipped at max_model_len
-        self.cost.observe(len(num_scheduled_tokens) * (1 + k), seconds)
+        self.cost.observe(len(num_scheduled_tokens) * (1 + k), k > 0, seconds)
 
     def summary(self) -> str:
         """One line: K chosen per batch bucket (most frequent) and E[accepted]."""

@@ -77,7 +77,8 @@ def simulate(
     seed: int = 0,
 ) -> float:
     """Output tokens per simulated second of a decode loop at ``batch``;
-    ``seconds(num_tokens)`` is the step cost of a verify pass."""
+    ``seconds(num_tokens)`` is the cost of a verify pass, DRAFT_S the
+    drafter's."""
     rng = random.Random(seed)
     clock = 0.0
     tokens = 0
@@ -91,7 +92,9 @@ def simulate(
             tokens += 1 + accepted
             if isinstance(policy_or_k, AdaptiveDraftLength):
                 policy_or_k.observe_request(k, accepted)
-        clock += seconds(batch * (1 + k))  # type: ignore[operator]
+        # The verify pass, plus the drafter's block forward when drafting
+        # (skipped at K = 0, as the V1 runner does).
+        clock += seconds(batch * (1 + k)) + (DRAFT_S if k else 0.0)  # type: ignore[operator]
         if isinstance(policy_or_k, AdaptiveDraftLength):
             policy_or_k.observe_step_output(scheduled, drafts, clock)
             k_next = policy_or_k[batch]
@@ -100,6 +103,7 @@ def simulate(
     return tokens / clock
 
 
+DRAFT_S = 0.002
 DENSE_SMALL_BATCH = dict(batch=1, seconds=lambda n: 0.010 + 0.00002 * n)
 COMPUTE_BOUND = dict(batch=64, seconds=lambda n: 0.010 + 0.0004 * n)
 HIGH = [0.95] * 15
@@ -147,8 +151,9 @@ def test_step_output_filter() -> None:
     drafts = {"a": [1, 2, 3], "b": [4, 5, 6]}
     policy.observe_step_output(decode, drafts, 1.00)  # first output: no interval
     policy.observe_step_output(decode, drafts, 1.01)
-    assert policy.cost.count(8) == 1  # 2 requests x (1 + 3)
-    assert policy.cost.estimate(8) == pytest.approx(0.01)
+    assert policy.cost.count(8, drafting=True) == 1  # 2 requests x (1 + 3)
+    assert policy.cost.estimate(8, drafting=True) == pytest.approx(0.01)
+    assert policy.cost.count(8, drafting=False) == 0
     # A prefill in the step, mixed draft counts, an idle gap: not a cost sample.
     policy.observe_step_output({"a": 4, "c": 30}, {"a": [1, 2, 3]}, 1.02)
     policy.observe_step_output({"a": 4, "b": 2}, {"a": [1, 2, 3], "b": [9]}, 1.03)
@@ -156,7 +161,7 @@ def test_step_output_filter() -> None:
     assert sum(policy.cost.samples.values()) == 1
     # K = 0 steps (no drafts at all) are samples too.
     policy.observe_step_output({"a": 1, "b": 1}, {}, 9.002)
-    assert policy.cost.count(2) == 1
+    assert policy.cost.count(2, drafting=False) == 1
 
 
 def test_injection_only_for_dflash_with_the_switch(
