@@ -19,7 +19,8 @@ maximise expected output tokens per second:
 - ``T(b, K)`` is the measured wall time of a decode step whose verify pass
   read about ``b x (1 + K)`` tokens (``StepCost``, bins on a sqrt(2) grid):
   the time between consecutive outputs of the engine, which in steady state
-  is one step of target verify + drafting + host work. A bin is measured
+  is one step of target verify + drafting + host work (steps that switch K
+  are not samples: they draft for the other K). A bin is measured
   (``min_samples`` steps) before it is trusted, from K = 0 up and only while
   the K could still win (a bigger pass never costs less than a smaller one);
   bins are shared across batch sizes (steps without drafts are kept apart:
@@ -260,11 +261,19 @@ class AdaptiveDraftLength:
         self,
         num_scheduled_tokens: dict[str, int],
         scheduled_drafts: dict[str, list[int]],
+        next_k: int | None,
         now: float,
     ) -> None:
-        """Called as each step's output reaches the scheduler: the interval
-        since the previous output is this step's cost, if the step was a pure
-        decode step (every request ran 1 + its drafts) with one K for all."""
+        """Called as each step's output reaches the scheduler.
+
+        The interval since the previous output is this step's cost: the
+        verify pass over the drafts scheduled for it (K) plus the drafting of
+        ``next_k`` drafts for the step after it. It is a sample of K's steady
+        state only for a pure decode step (every request ran 1 + its drafts)
+        with one K for all, and ``next_k == K``: a step that switches K
+        drafts for the other K (the V1 runner skips the drafter when the
+        next K is 0), so it stands for neither.
+        """
         last, self._last_output_s = self._last_output_s, now
         if last is None or not num_scheduled_tokens:
             return
@@ -275,7 +284,9 @@ class AdaptiveDraftLength:
         if len(ks) != 1:
             return
         (k,) = ks
-        if k not in self.ks or any(n != 1 + k for n in num_scheduled_tokens.values()):
+        if k not in self.ks or (next_k is not None and next_k != k):
+            return
+        if any(n != 1 + k for n in num_scheduled_tokens.values()):
             return  # a prefill or a request clipped at max_model_len
         self.cost.observe(len(num_scheduled_tokens) * (1 + k), k > 0, seconds)
 

@@ -511,6 +511,7 @@ def patch_scheduler_adaptive(module: ModuleType) -> None:
             policy.observe_step_output(
                 scheduler_output.num_scheduled_tokens,
                 scheduler_output.scheduled_spec_decode_tokens,
+                getattr(scheduler_output, "num_spec_tokens_to_schedule", None),
                 time.perf_counter(),
             )
         return update(self, scheduler_output, *args, **kwargs)

@@ -82,24 +82,26 @@ def simulate(
     rng = random.Random(seed)
     clock = 0.0
     tokens = 0
-    k_next = 0  # the first step has no drafts yet
+    k = 0  # the first step has no drafts yet
     for _ in range(steps):
-        k = k_next
-        scheduled = {f"r{i}": 1 + k for i in range(batch)}
-        drafts = {f"r{i}": [-1] * k for i in range(batch)} if k else {}
+        # The scheduler picks the next step's K before this step runs; the
+        # step verifies its k drafts and drafts k_next for the next one (the
+        # drafter is skipped when k_next is 0, as on the V1 runner).
+        if isinstance(policy_or_k, AdaptiveDraftLength):
+            k_next = policy_or_k[batch]
+        else:
+            k_next = policy_or_k
+        clock += seconds(batch * (1 + k)) + (DRAFT_S if k_next else 0.0)  # type: ignore[operator]
         for _ in range(batch):
             accepted = draw_accepted(rng, conditional, k)
             tokens += 1 + accepted
             if isinstance(policy_or_k, AdaptiveDraftLength):
                 policy_or_k.observe_request(k, accepted)
-        # The verify pass, plus the drafter's block forward when drafting
-        # (skipped at K = 0, as the V1 runner does).
-        clock += seconds(batch * (1 + k)) + (DRAFT_S if k else 0.0)  # type: ignore[operator]
         if isinstance(policy_or_k, AdaptiveDraftLength):
-            policy_or_k.observe_step_output(scheduled, drafts, clock)
-            k_next = policy_or_k[batch]
-        else:
-            k_next = policy_or_k
+            scheduled = {f"r{i}": 1 + k for i in range(batch)}
+            drafts = {f"r{i}": [-1] * k for i in range(batch)} if k else {}
+            policy_or_k.observe_step_output(scheduled, drafts, k_next, clock)
+        k = k_next
     return tokens / clock
 
 
@@ -149,18 +151,20 @@ def test_step_output_filter() -> None:
     policy = AdaptiveDraftLength(7)
     decode = {"a": 4, "b": 4}
     drafts = {"a": [1, 2, 3], "b": [4, 5, 6]}
-    policy.observe_step_output(decode, drafts, 1.00)  # first output: no interval
-    policy.observe_step_output(decode, drafts, 1.01)
+    policy.observe_step_output(decode, drafts, 3, 1.00)  # first: no interval
+    policy.observe_step_output(decode, drafts, 3, 1.01)
     assert policy.cost.count(8, drafting=True) == 1  # 2 requests x (1 + 3)
     assert policy.cost.estimate(8, drafting=True) == pytest.approx(0.01)
     assert policy.cost.count(8, drafting=False) == 0
-    # A prefill in the step, mixed draft counts, an idle gap: not a cost sample.
-    policy.observe_step_output({"a": 4, "c": 30}, {"a": [1, 2, 3]}, 1.02)
-    policy.observe_step_output({"a": 4, "b": 2}, {"a": [1, 2, 3], "b": [9]}, 1.03)
-    policy.observe_step_output(decode, drafts, 9.0)
+    # A prefill in the step, mixed draft counts, an idle gap, a switch of K
+    # (the step drafted for the other K): not cost samples.
+    policy.observe_step_output({"a": 4, "c": 30}, {"a": [1, 2, 3]}, 3, 1.02)
+    policy.observe_step_output({"a": 4, "b": 2}, {"a": [1, 2, 3], "b": [9]}, 3, 1.03)
+    policy.observe_step_output(decode, drafts, 3, 9.0)
+    policy.observe_step_output(decode, drafts, 0, 9.01)
     assert sum(policy.cost.samples.values()) == 1
     # K = 0 steps (no drafts at all) are samples too.
-    policy.observe_step_output({"a": 1, "b": 1}, {}, 9.002)
+    policy.observe_step_output({"a": 1, "b": 1}, {}, 0, 9.012)
     assert policy.cost.count(2, drafting=False) == 1
 
 
