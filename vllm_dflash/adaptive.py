@@ -51,7 +51,10 @@ from vllm_dflash.log import get_logger
 # the best choice's neighbours are re-measured every REFRESH_EVERY decisions
 # of a batch bucket.
 MIN_SAMPLES = 2
-REFRESH_EVERY = 64
+REFRESH_EVERY = 128
+# Consecutive steps of a re-measurement: the first drafts for the new K while
+# verifying the old one, so it is no sample; the next two are.
+REFRESH_STEPS = 3
 # Steps whose outputs arrive further apart than this were not back to back
 # (the engine idled): their interval says nothing about the step's cost.
 MAX_STEP_GAP_S = 2.0
@@ -237,8 +240,9 @@ class AdaptiveDraftLength:
         bucket = batch_bucket(batch)
         self._per_bucket[bucket] += 1
         n = self._per_bucket[bucket]
-        if n % self.refresh_every == 0:
-            # Re-measure a neighbour of the best, alternating below and above.
+        if n % self.refresh_every < REFRESH_STEPS:
+            # Re-measure a neighbour of the best, alternating below and above,
+            # for long enough to get steady-state samples.
             i = self.ks.index(best_k)
             j = i + 1 if (n // self.refresh_every) % 2 else i - 1
             if 0 <= j < len(self.ks):
