@@ -42,7 +42,8 @@ config.
 from __future__ import annotations
 
 import math
-from collections import Counter
+import statistics
+from collections import Counter, deque
 from dataclasses import dataclass, field
 
 from vllm_dflash.log import get_logger
@@ -55,6 +56,8 @@ REFRESH_EVERY = 128
 # Consecutive steps of a re-measurement: the first drafts for the new K while
 # verifying the old one, so it is no sample; the next two are.
 REFRESH_STEPS = 3
+# A bin's cost is the median of its last WINDOW samples.
+WINDOW = 8
 # Steps whose outputs arrive further apart than this were not back to back
 # (the engine idled): their interval says nothing about the step's cost.
 MAX_STEP_GAP_S = 2.0
@@ -147,27 +150,28 @@ class AcceptanceEstimate:
 
 @dataclass
 class StepCost:
-    """Exponential moving average of decode-step seconds per token bin of the
-    verify pass (``batch x (1 + K)`` tokens), apart for steps with drafts and
-    without (K = 0: the V1 runner skips the drafter then)."""
+    """Decode-step seconds per token bin of the verify pass (``batch x (1 +
+    K)`` tokens), apart for steps with drafts and without (K = 0: the V1 runner
+    skips the drafter then): the median of the last WINDOW samples. The first
+    step of a bin is not a sample: a shape's first run pays one-off costs
+    (oneDNN primitive creation on CPU, Triton autotuning) that can be ten times
+    a step, and would make that K look hopeless."""
 
-    weight: float = 0.25
-    seconds: dict[tuple[int, bool], float] = field(default_factory=dict)
-    samples: Counter[tuple[int, bool]] = field(default_factory=Counter)
+    seen: Counter[tuple[int, bool]] = field(default_factory=Counter)
+    recent: dict[tuple[int, bool], deque[float]] = field(default_factory=dict)
 
     def observe(self, num_tokens: int, drafting: bool, seconds: float) -> None:
         key = (token_bin(num_tokens), drafting)
-        old = self.seconds.get(key)
-        self.seconds[key] = (
-            seconds if old is None else old + self.weight * (seconds - old)
-        )
-        self.samples[key] += 1
+        self.seen[key] += 1
+        if self.seen[key] > 1:
+            self.recent.setdefault(key, deque(maxlen=WINDOW)).append(seconds)
 
     def estimate(self, num_tokens: int, drafting: bool) -> float | None:
-        return self.seconds.get((token_bin(num_tokens), drafting))
+        samples = self.recent.get((token_bin(num_tokens), drafting))
+        return statistics.median(samples) if samples else None
 
     def count(self, num_tokens: int, drafting: bool) -> int:
-        return self.samples[(token_bin(num_tokens), drafting)]
+        return len(self.recent.get((token_bin(num_tokens), drafting), ()))
 
     def lower_bound(self, num_tokens: int, drafting: bool) -> float | None:
         """A floor for a step over ``num_tokens``: the dearest measured step
@@ -175,7 +179,9 @@ class StepCost:
         steps with drafts only as floors for steps with drafts."""
         key = token_bin(num_tokens)
         below = [
-            v for (b, d), v in self.seconds.items() if b <= key and (drafting or not d)
+            statistics.median(v)
+            for (b, d), v in self.recent.items()
+            if v and b <= key and (drafting or not d)
         ]
         return max(below) if below else None
 

@@ -135,7 +135,9 @@ def test_adaptive_matches_the_best_fixed_k(
     policy = AdaptiveDraftLength(15)
     got = simulate(policy, conditional=conditional, **load)  # type: ignore[arg-type]
     assert got >= 0.95 * best, (got, fixed, policy.summary())
-    assert got >= fixed[0] * 0.99  # never (materially) slower than no drafting
+    # Never materially slower than no drafting (exploration and the periodic
+    # re-measurement cost about 1-2% where K = 0 is best).
+    assert got >= fixed[0] * 0.98
 
 
 def test_low_acceptance_at_a_compute_bound_batch_stops_drafting() -> None:
@@ -152,20 +154,34 @@ def test_step_output_filter() -> None:
     decode = {"a": 4, "b": 4}
     drafts = {"a": [1, 2, 3], "b": [4, 5, 6]}
     policy.observe_step_output(decode, drafts, 3, 1.00)  # first: no interval
-    policy.observe_step_output(decode, drafts, 3, 1.01)
+    policy.observe_step_output(decode, drafts, 3, 1.50)  # a bin's first: warm-up
+    policy.observe_step_output(decode, drafts, 3, 1.51)
     assert policy.cost.count(8, drafting=True) == 1  # 2 requests x (1 + 3)
     assert policy.cost.estimate(8, drafting=True) == pytest.approx(0.01)
     assert policy.cost.count(8, drafting=False) == 0
     # A prefill in the step, mixed draft counts, an idle gap, a switch of K
     # (the step drafted for the other K): not cost samples.
-    policy.observe_step_output({"a": 4, "c": 30}, {"a": [1, 2, 3]}, 3, 1.02)
-    policy.observe_step_output({"a": 4, "b": 2}, {"a": [1, 2, 3], "b": [9]}, 3, 1.03)
+    policy.observe_step_output({"a": 4, "c": 30}, {"a": [1, 2, 3]}, 3, 1.52)
+    policy.observe_step_output({"a": 4, "b": 2}, {"a": [1, 2, 3], "b": [9]}, 3, 1.53)
     policy.observe_step_output(decode, drafts, 3, 9.0)
     policy.observe_step_output(decode, drafts, 0, 9.01)
-    assert sum(policy.cost.samples.values()) == 1
+    assert sum(policy.cost.seen.values()) == 2
     # K = 0 steps (no drafts at all) are samples too.
     policy.observe_step_output({"a": 1, "b": 1}, {}, 0, 9.012)
+    policy.observe_step_output({"a": 1, "b": 1}, {}, 0, 9.014)
     assert policy.cost.count(2, drafting=False) == 1
+
+
+def test_a_slow_first_run_of_a_shape_does_not_rule_k_out() -> None:
+    """The first step of a token bin (one-off warm-up) is no sample, and one
+    outlier later moves the median, not the estimate's scale."""
+    policy = AdaptiveDraftLength(7)
+    decode, drafts = {"a": 8}, {"a": [0] * 7}
+    clock = 0.0
+    for seconds in (0.0, 0.5, 0.01, 0.01, 0.2, 0.01, 0.01):
+        clock += seconds
+        policy.observe_step_output(decode, drafts, 7, clock)
+    assert policy.cost.estimate(8, drafting=True) == pytest.approx(0.01)
 
 
 def test_injection_only_for_dflash_with_the_switch(
