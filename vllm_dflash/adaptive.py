@@ -28,9 +28,10 @@ maximise expected output tokens per second:
   engine. The best choice's neighbours are re-measured every
   ``refresh_every`` decisions of a batch bucket.
 
-K = 0 (no drafting) is a candidate, so at a load where speculation cannot pay
-the policy stops speculating. The choice is lossless whatever it is: vLLM
-verifies whatever was drafted.
+K = 0 (no drafting) is a candidate, so at a load where drafts cannot pay
+the policy stops verifying them (the engine's DFlash bookkeeping, hidden-state
+capture and context K/V, still runs: K = 0 is not a plain engine). The choice
+is lossless whatever it is: vLLM verifies whatever was drafted.
 
 The scheduler consults the policy through vLLM's dynamic speculative decoding
 hook (``Scheduler.dynamic_sd_lookup[batch_size]``), see
@@ -337,6 +338,6 @@ def log_summary(policy: AdaptiveDraftLength) -> None:
 
 
 def expected_tokens_per_step(rates: list[float], k: int) -> float:
-    """1 + E[accepted] for unconditional per-position rates (a benchmark's
-    synthetic acceptance profile), for documentation and tests."""
+    """1 + E[accepted] for *unconditional* per-position rates (a benchmark's
+    synthetic acceptance profile) when K = k drafts are verified."""
     return 1.0 + math.fsum(rates[:k])
