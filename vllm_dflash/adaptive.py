@@ -115,6 +115,11 @@ class AcceptanceEstimate:
     decay: float = 0.998
     tried: list[float] = field(default_factory=list)
     accepted: list[float] = field(default_factory=list)
+    # Counts are stored in units that grow by 1/decay per observation, so the
+    # decay of every older count is one multiplication (the scheduler calls
+    # ``observe`` for every request of every step); ``_unit`` is the weight
+    # of a new observation in those units.
+    _unit: float = 1.0
 
     def __post_init__(self) -> None:
         self.tried = [0.0] * self.k_max
@@ -123,20 +128,22 @@ class AcceptanceEstimate:
     def observe(self, num_drafts: int, num_accepted: int) -> None:
         """One verified request: ``num_drafts`` drafts, the first
         ``num_accepted`` of them accepted."""
-        for i in range(self.k_max):
-            self.tried[i] *= self.decay
-            self.accepted[i] *= self.decay
+        self._unit /= self.decay
+        if self._unit > 1e12:  # rescale before the floats lose precision
+            self.tried = [t / self._unit for t in self.tried]
+            self.accepted = [a / self._unit for a in self.accepted]
+            self._unit = 1.0
         # Positions 1..accepted were accepted; position accepted+1 (if it was
         # drafted) was tried and rejected; later ones were never looked at.
         for i in range(min(num_accepted + 1, num_drafts, self.k_max)):
-            self.tried[i] += 1.0
+            self.tried[i] += self._unit
             if i < num_accepted:
-                self.accepted[i] += 1.0
+                self.accepted[i] += self._unit
 
     def conditional(self) -> list[float]:
-        w, p = self.prior_weight, self.prior
+        w, p, unit = self.prior_weight, self.prior, self._unit
         return [
-            (a + w * p) / (t + w)
+            (a / unit + w * p) / (t / unit + w)
             for a, t in zip(self.accepted, self.tried, strict=True)
         ]
 

@@ -229,3 +229,22 @@ def test_drafter_graphs_are_planned_for_one_block_length() -> None:
     assert config.speculative_config.num_speculative_tokens_per_batch_size == schedule
     with compat.single_draft_length(SimpleNamespace(speculative_config=None)):
         pass
+
+
+def test_lazy_decay_equals_decaying_every_count() -> None:
+    """The estimate's one-multiplication decay gives what decaying every count
+    at every observation gives, across its rescaling point (~14k requests)."""
+    est = AcceptanceEstimate(k_max=4, decay=0.998)
+    tried, accepted = [0.0] * 4, [0.0] * 4
+    rng = random.Random(1)
+    for _ in range(20000):
+        drafts = rng.choice((1, 3, 4))
+        n = draw_accepted(rng, [0.9, 0.7, 0.5, 0.3], drafts)
+        est.observe(drafts, n)
+        tried = [t * 0.998 for t in tried]
+        accepted = [a * 0.998 for a in accepted]
+        for i in range(min(n + 1, drafts)):
+            tried[i] += 1.0
+            accepted[i] += 1.0 if i < n else 0.0
+    eager = [(a + 2.0 * 0.7) / (t + 2.0) for a, t in zip(accepted, tried, strict=True)]
+    assert est.conditional() == pytest.approx(eager, rel=1e-9)
