@@ -23,6 +23,8 @@ from collections.abc import Callable, Iterable, Iterator
 from types import ModuleType
 from typing import Any
 
+from vllm_dflash import adaptive, envs
+
 _lock = threading.Lock()
 _applied: set[str] = set()
 
@@ -428,8 +430,6 @@ def patch_scheduler(module: ModuleType) -> None:
 def adaptive_schedule_injected(spec: Any) -> bool:
     """Whether ``spec`` carries the placeholder schedule that
     ``inject_adaptive_schedule`` wrote (a user's own schedule is kept)."""
-    from vllm_dflash import adaptive
-
     schedule = getattr(spec, "num_speculative_tokens_per_batch_size", None)
     k = getattr(spec, "num_speculative_tokens", None)
     if not schedule or not k:
@@ -441,8 +441,6 @@ def inject_adaptive_schedule(speculative: dict[str, Any]) -> str | None:
     """With ``VLLM_DFLASH_ADAPTIVE_K=1``, turn on vLLM's dynamic speculative
     decoding for a DFlash config (in place), naming every K the policy may
     choose; returns why not, else None."""
-    from vllm_dflash import adaptive, envs
-
     if speculative.get("method") != "dflash" or not envs.adaptive_k():
         return "off"
     if speculative.get("num_speculative_tokens_per_batch_size") is not None:
@@ -498,8 +496,6 @@ def patch_scheduler_adaptive(module: ModuleType) -> None:
         if getattr(spec, "method", None) == "dflash" and adaptive_schedule_injected(
             spec
         ):
-            from vllm_dflash import adaptive
-
             self.dynamic_sd_lookup = adaptive.install(self.num_spec_tokens)
 
     @functools.wraps(update)
@@ -544,11 +540,9 @@ def patch_scheduler_adaptive(module: ModuleType) -> None:
     cls.make_spec_decoding_stats = make_spec_decoding_stats
 
 
-def _policy_of(scheduler: Any) -> Any:
-    from vllm_dflash.adaptive import AdaptiveDraftLength
-
+def _policy_of(scheduler: Any) -> adaptive.AdaptiveDraftLength | None:
     lookup = getattr(scheduler, "dynamic_sd_lookup", None)
-    return lookup if isinstance(lookup, AdaptiveDraftLength) else None
+    return lookup if isinstance(lookup, adaptive.AdaptiveDraftLength) else None
 
 
 # --- vLLM 0.20: non-causal attention only for the drafter -------------------
