@@ -38,9 +38,7 @@ save_native_error() {  # $1: log to search, $2: name of the saved line
 
 case "${1:-}" in
   install)
-    python3 -m pip install --no-deps --no-build-isolation -q -e . > "$OUT/pip.log" 2>&1
-    python3 -c 'import vllm, torch, vllm_dflash; print("vllm", vllm.__version__, "torch", torch.__version__, "plugin", vllm_dflash.__version__)'
-    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+    bash scripts/gpu_session.sh install
     ;;
   checks)
     # plain16/plugin16_v2/native16_v2: bf16, target TRITON_ATTN, drafter
