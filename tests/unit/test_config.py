@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from tests.unit.hf_edits import edited
 from vllm_dflash.config import (
     DFlashConfigError,
     DFlashDraftConfig,
@@ -38,15 +39,7 @@ TARGET = dict(target_hidden_size=4096, target_vocab_size=151936, target_num_laye
 
 
 def resolve(**changes: Any) -> DFlashDraftConfig:
-    hf = copy.deepcopy(QWEN3_8B_DRAFTER)
-    for key, value in changes.items():
-        if key.startswith("dflash_"):
-            hf["dflash_config"][key.removeprefix("dflash_")] = value
-        elif value is None:
-            hf.pop(key, None)
-        else:
-            hf[key] = value
-    return DFlashDraftConfig.from_hf_config(hf)
+    return DFlashDraftConfig.from_hf_config(edited(QWEN3_8B_DRAFTER, **changes))
 
 
 def check(cfg: DFlashDraftConfig, k: int = 15, **target: int) -> None:

@@ -4,13 +4,13 @@ the ``gemma4-26b-a4b`` bench preset passing the plugin's validation."""
 
 from __future__ import annotations
 
-import copy
 import math
 from typing import Any
 
 import pytest
 import torch
 
+from tests.unit.hf_edits import edited
 from vllm_dflash.bench import PRESET_BACKENDS, PRESETS
 from vllm_dflash.config import DFlashConfigError, DFlashDraftConfig
 
@@ -18,15 +18,7 @@ PRESET = PRESETS["gemma4-26b-a4b"]
 
 
 def drafter(**changes: Any) -> dict[str, Any]:
-    hf = copy.deepcopy(PRESET["drafter"])
-    for key, value in changes.items():
-        if key.startswith("dflash_"):
-            hf["dflash_config"][key.removeprefix("dflash_")] = value
-        elif value is None:
-            hf.pop(key, None)
-        else:
-            hf[key] = value
-    return hf
+    return edited(PRESET["drafter"], **changes)
 
 
 def resolve(
