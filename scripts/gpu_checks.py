@@ -14,9 +14,13 @@ speculation can legitimately part after a near-tie. So:
    the same verify numerics.
 Check 1 runs on both model runners (V2, vLLM 0.26's default for dense
 models, and V1 with ``VLLM_USE_V2_MODEL_RUNNER=0``), with a fixed K and with
-the adaptive K (``VLLM_DFLASH_ADAPTIVE_K=1``); check 2 on V2.
+the adaptive K (``VLLM_DFLASH_ADAPTIVE_K=1``); check 2 on V2. The ``*_v1``
+and ``*_triton_*`` jobs are what two vLLM releases can both run (0.20 has V1
+only): float32 with a TRITON_ATTN target and a FLEX_ATTENTION drafter, and the
+bf16 split on V1; ``scripts/gpu_v020.sh compare`` runs them on 0.20 and 0.26.
 
-Writes ``gpu_checks.json``; exits non-zero if an engine fails or check 1 does.
+Writes ``gpu_checks.json`` and every engine's token ids in
+``gpu_outputs.json``; exits non-zero if an engine fails or check 1 does.
 """
 
 from __future__ import annotations
@@ -87,6 +91,7 @@ def main(out_dir: str) -> int:
     v1 = {"VLLM_USE_V2_MODEL_RUNNER": "0"}
     adaptive = {"VLLM_DFLASH_ADAPTIVE_K": "1"}
     flex = {"attention_backend": "FLEX_ATTENTION"}
+    triton = {"attention_backend": "TRITON_ATTN"}
     split = {"llm_kwargs": {"attention_backend": "TRITON_ATTN"}}
     draft_fa = {"attention_backend": "FLASH_ATTN"}
     # Tiny models: the engines of one check share the GPU and run at once.
@@ -118,7 +123,20 @@ def main(out_dir: str) -> int:
                 "env": {**v1, **adaptive},
             },
         ),
+        # float32 with a causal-only target backend: the drafter alone on FLEX.
+        "plain32_triton_v1": (None, "float32", {"llm_kwargs": triton, "env": v1}),
+        "plugin32_triton_v1": (
+            drafter,
+            "float32",
+            {"llm_kwargs": triton, "speculative_extra": flex, "env": v1},
+        ),
         "plain16": (None, "bfloat16", dict(split)),
+        "plain16_v1": (None, "bfloat16", {**split, "env": v1}),
+        "plugin16_v1": (
+            drafter,
+            "bfloat16",
+            {**split, "speculative_extra": draft_fa, "env": v1},
+        ),
         "plugin16_v2": (drafter, "bfloat16", {**split, "speculative_extra": draft_fa}),
         "native16_v2": (
             drafter,
@@ -169,8 +187,16 @@ def main(out_dir: str) -> int:
             ok &= same
             report[f"fp32_adaptive_{runner}_identical"] = same
             report[f"fp32_adaptive_{runner}_steps_per_k"] = adaptive_run.adaptive_k
-    plain16 = done.get("plain16")
-    for name in ("plugin16_v2", "native16_v2"):
+    plain_t, plugin_t = done.get("plain32_triton_v1"), done.get("plugin32_triton_v1")
+    if plain_t is not None and plugin_t is not None:
+        same = plain_t.outputs == plugin_t.outputs
+        ok &= same
+        report["fp32_triton_v1_identical"] = same
+        report["fp32_triton_v1_first_divergence"] = first_divergence(
+            plain_t.outputs, plugin_t.outputs
+        )
+    for name in ("plugin16_v2", "native16_v2", "plugin16_v1"):
+        plain16 = done.get("plain16_v1" if name.endswith("_v1") else "plain16")
         other = done.get(name)
         if plain16 is None or other is None:
             continue
@@ -185,6 +211,9 @@ def main(out_dir: str) -> int:
     if done:
         report["vllm_version"] = next(iter(done.values())).vllm_version
     (out / "gpu_checks.json").write_text(json.dumps(report, indent=2))
+    (out / "gpu_outputs.json").write_text(
+        json.dumps({name: r.outputs for name, r in done.items()})
+    )
     print(json.dumps(report, indent=2))
     return 0 if ok else 1
 

@@ -3,6 +3,9 @@
 # beside the unpacked vLLM and run one step, copying results to $OUT.
 #
 #   bash scripts/gpu_session.sh install|checks|capture|profile
+#   bash scripts/gpu_session.sh correctness  # checks, capture gemma3, the
+#       0.20/0.26 compare (if 0.20 is in /tmp/site-prev) and the H200 training
+#       run at once; the training's bench waits for the others to finish
 #   bash scripts/gpu_session.sh bench NAME [vllm-dflash bench options]
 #   bash scripts/gpu_session.sh retire-vllm   # before moving another vLLM over
 #   bash scripts/gpu_session.sh swap-vllm     # back to the retired one (and forth)
@@ -50,6 +53,25 @@ case "$1" in
     # Exchange the installed vLLM with the one retire-vllm kept aside.
     mv /tmp/site /tmp/site-swap && mv /tmp/site-prev /tmp/site && mv /tmp/site-swap /tmp/site-prev
     python3 -c 'import vllm; print("vllm", vllm.__version__)'
+    ;;
+  correctness)
+    rm -f "$WORK/correctness.done"
+    GPU_TRAIN_BENCH_AFTER="$WORK/correctness.done" bash scripts/gpu_train.sh \
+      > "$OUT/train.out" 2>&1 &
+    train=$!
+    GPU_CHECKS_ONLY=${GPU_CHECKS_ONLY:-plain32,plugin32_v2,adaptive32_v2,adaptive32_v1} \
+      bash scripts/gpu_session.sh checks 420 > "$OUT/checks.out" 2>&1 &
+    bash scripts/gpu_session.sh capture gemma3 > "$OUT/capture.out" 2>&1 &
+    if [ -d /tmp/site-prev ]; then
+      bash scripts/gpu_v020.sh compare > "$OUT/compare.out" 2>&1 &
+    fi
+    while [ "$(jobs -rp | grep -vc "^$train$")" -gt 0 ]; do sleep 5; done
+    touch "$WORK/correctness.done"
+    echo "correctness jobs done at $(date +%T)"
+    wait $train
+    for f in checks capture compare train; do
+      [ -f "$OUT/$f.out" ] && { echo "=== $f"; tail -c 1500 "$OUT/$f.out"; }
+    done
     ;;
   profile)
     shift

@@ -10,6 +10,8 @@
 # Steps (each under `timeout`): build the target on the GPU (bf16
 # safetensors), `vllm-dflash train` (stops after GPU_TRAIN_SECONDS of
 # training), `vllm-dflash bench --tau 0` (real acceptance), summary.
+# GPU_TRAIN_BENCH_AFTER=FILE: the bench waits (up to 150 s) for FILE to
+# exist, so correctness jobs sharing the GPU are done before it times anything.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -60,10 +62,17 @@ step() {  # step NAME LIMIT CMD...: run under timeout, log, record rc and second
   return $rc
 }
 
+wait_for_gpu() {  # the bench times steps: start it on an otherwise idle GPU
+  local file=${GPU_TRAIN_BENCH_AFTER:-} waited=0
+  [ -z "$file" ] && return 0
+  while [ ! -e "$file" ] && [ $waited -lt 150 ]; do sleep 5; waited=$((waited + 5)); done
+  echo "[gpu_train] waited ${waited}s for $file before the bench"
+}
+
 step build "${LIMITS[0]}" "$PY" scripts/gpu_train_check.py build "$WORK" "${BUILD[@]}" &&
   step train "${LIMITS[1]}" "$PY" -m vllm_dflash.cli train --target "$WORK/target" \
     --output "$WORK/drafter" --block-size 16 --batch-size 16 --blocks-per-seq 16 \
-    "${TRAIN[@]}" &&
+    "${TRAIN[@]}" && wait_for_gpu &&
   step bench "${LIMITS[2]}" "$PY" -m vllm_dflash.cli bench --target "$WORK/target" \
     --drafter "$WORK/drafter" --tau 0 --k 15 --load-format auto \
     --out "$WORK/bench" "${BENCH[@]}"

@@ -11,6 +11,9 @@
 #   bash scripts/gpu_v020.sh checks        # lossless + the TRITON_ATTN start-up, tiny Qwen3
 #   bash scripts/gpu_v020.sh bench-qwen3   # none / native / plugin, Qwen3-8B shape
 #   bash scripts/gpu_v020.sh bench-gemma4  # none / native / plugin, Gemma-4-26B-A4B shape
+#   bash scripts/gpu_v020.sh compare       # 0.20 (in /tmp/site-prev, after
+#       `gpu_session.sh retire-vllm`) next to 0.26 (in /tmp/site): the same
+#       V1 jobs on both, float32 lossless check and bf16 outputs compared
 #
 # What to expect on 0.20 (see docs/vllm-0.20.md): every engine runs the V1
 # runner (0.20 refuses VLLM_USE_V2_MODEL_RUNNER with DFlash). Native DFlash
@@ -82,8 +85,41 @@ EOF
     save_native_error "$WORK/bench-gemma4/native.log" native_gemma4_error.txt
     tail -n 12 "$OUT/bench-gemma4.log"
     ;;
+  compare)
+    # float32, target TRITON_ATTN + drafter FLEX_ATTENTION: lossless on 0.20?
+    # (FLEX for the target too crashed there; the guard is lifted to find out
+    # which side did.) bf16 split on V1: does the patched 0.20 path give 0.26's
+    # tokens? plain16_v1 is the control: do the two releases decode alike?
+    jobs=plain32_triton_v1,plugin32_triton_v1,plain16_v1,plugin16_v1
+    for v in 0.20:/tmp/site-prev 0.26:/tmp/site; do
+      GPU_CHECKS_ONLY=$jobs VLLM_DFLASH_ALLOW_KNOWN_CRASHES=1 PYTHONPATH=${v#*:} \
+        timeout "${2:-420}" python3 scripts/gpu_checks.py "$WORK/compare-${v%%:*}" \
+        > "$OUT/compare-${v%%:*}.log" 2>&1 &
+    done
+    wait
+    for v in 0.20 0.26; do
+      cp "$WORK/compare-$v/gpu_checks.json" "$OUT/compare-$v.json" 2>/dev/null
+      cp "$WORK/compare-$v/gpu_outputs.json" "$OUT/outputs-$v.json" 2>/dev/null
+    done
+    python3 - "$OUT" <<'EOF'
+import json, sys
+from pathlib import Path
+out = Path(sys.argv[1])
+def load(name):
+    path = out / name
+    return json.loads(path.read_text()) if path.exists() else {}
+old, new = load("outputs-0.20.json"), load("outputs-0.26.json")
+report = {
+    "checks_0.20": load("compare-0.20.json"),
+    "checks_0.26": load("compare-0.26.json"),
+    "identical_across_releases": {k: old[k] == new[k] for k in old if k in new},
+}
+(out / "compare.json").write_text(json.dumps(report, indent=2))
+print(json.dumps(report, indent=2))
+EOF
+    ;;
   *)
-    echo "usage: bash scripts/gpu_v020.sh install|checks|bench-qwen3|bench-gemma4" >&2
+    echo "usage: bash scripts/gpu_v020.sh install|checks|bench-qwen3|bench-gemma4|compare" >&2
     exit 2
     ;;
 esac

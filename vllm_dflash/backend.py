@@ -104,7 +104,7 @@ def refuse_known_crashes(
     """Refuse, at start-up, backend choices that crashed mid-request."""
     from vllm_dflash.support import version_tuple
 
-    if version_tuple(vllm_version) >= FLEX_SAFE_FROM:
+    if version_tuple(vllm_version) >= FLEX_SAFE_FROM or envs.allow_known_crashes():
         return
     for field, name in (
         ("attention_backend", target_backend),

@@ -722,6 +722,69 @@ def mode_rates(
     return rates_for_k(profile, mode.k)
 
 
+def _backends(args: argparse.Namespace) -> tuple[str | None, str | None]:
+    """(target, drafter) attention backends: the options, else the preset's."""
+    preset_target, preset_draft = (
+        (None, None) if args.target else PRESET_BACKENDS.get(args.preset, (None, None))
+    )
+    return (
+        args.attention_backend or preset_target,
+        args.draft_attention_backend or preset_draft,
+    )
+
+
+def _meta(
+    args: argparse.Namespace,
+    modes: list[Mode],
+    sizes: list[int],
+    tau: float | None,
+    profile_name: str,
+    profile: list[float] | None,
+    rows: list[BenchRow],
+) -> dict[str, Any]:
+    attention_backend, draft_attention_backend = _backends(args)
+    return {
+        "preset": None if args.target else args.preset,
+        "k": args.k,
+        "tau": tau,
+        "acceptance": profile_name,
+        "acceptance_rates": profile,
+        "synthetic": tau is not None,
+        "modes": {m.name: {"impl": m.impl, "k": m.k, "ks": m.ks} for m in modes},
+        "capture_sizes": sizes,
+        "prompt_len": args.prompt_len,
+        "output_len": args.output_len,
+        "long_output_len": args.long_output_len,
+        "dtype": args.dtype,
+        "runners": {r.mode: r.runner for r in rows},
+        "attention_backend": attention_backend,
+        "draft_attention_backend": draft_attention_backend,
+        "enforce_eager": args.enforce_eager,
+    }
+
+
+def write_json(
+    out: Path,
+    meta: dict[str, Any],
+    rows: list[BenchRow],
+    long_rows: list[BenchRow],
+    *,
+    done: bool,
+) -> None:
+    """bench.json; ``complete`` is false while modes are still to run."""
+    (out / "bench.json").write_text(
+        json.dumps(
+            {
+                "meta": {**meta, "complete": done},
+                "rows": [asdict(r) for r in _sorted(rows)],
+                "summary": summarize(rows),
+                "long_rows": [asdict(r) for r in long_rows],
+            },
+            indent=2,
+        )
+    )
+
+
 def bench_command(args: argparse.Namespace) -> int:
     try:
         modes = parse_modes(args.modes, args.k)
@@ -738,11 +801,7 @@ def bench_command(args: argparse.Namespace) -> int:
         if args.target
         else (write_preset(args.preset, out / "models"))
     )
-    preset_target_backend, preset_draft_backend = (
-        (None, None) if args.target else PRESET_BACKENDS.get(args.preset, (None, None))
-    )
-    attention_backend = args.attention_backend or preset_target_backend
-    draft_attention_backend = args.draft_attention_backend or preset_draft_backend
+    attention_backend, draft_attention_backend = _backends(args)
     batches = [int(b) for b in args.batch_sizes.split(",")]
     sizes = capture_sizes(batches, modes)
     max_k = max(k for mode in modes for k in mode.ks)
@@ -787,45 +846,20 @@ def bench_command(args: argparse.Namespace) -> int:
         rows += [r for r in mode_rows if r.output_len == args.output_len]
         if not mode_rows:
             failed.append(mode.name)
+        # After every mode, so a run cut short by a time limit keeps its rows.
+        meta = _meta(args, modes, sizes, tau, profile_name, profile, rows)
+        write_json(out, meta, rows, long_rows, done=mode is modes[-1])
     print_table(rows, args.k)
     if long_rows:
         print_long(long_rows)
-    meta = {
-        "preset": None if args.target else args.preset,
-        "k": args.k,
-        "tau": tau,
-        "acceptance": profile_name,
-        "acceptance_rates": profile,
-        "synthetic": tau is not None,
-        "modes": {m.name: {"impl": m.impl, "k": m.k, "ks": m.ks} for m in modes},
-        "capture_sizes": sizes,
-        "prompt_len": args.prompt_len,
-        "output_len": args.output_len,
-        "long_output_len": args.long_output_len,
-        "dtype": args.dtype,
-        "runners": {r.mode: r.runner for r in rows},
-        "attention_backend": attention_backend,
-        "draft_attention_backend": draft_attention_backend,
-        "enforce_eager": args.enforce_eager,
-    }
-    (out / "bench.json").write_text(
-        json.dumps(
-            {
-                "meta": meta,
-                "rows": [asdict(r) for r in _sorted(rows)],
-                "summary": summarize(rows),
-                "long_rows": [asdict(r) for r in long_rows],
-            },
-            indent=2,
-        )
-    )
     if rows:
         acceptance = f"tau={tau}" if profile is None else f"acceptance={profile_name}"
+        runners = {r.mode: r.runner for r in rows}
         plot(
             rows,
             out / "bench.png",
             f"DFlash K={args.k} {acceptance if tau else 'real acceptance'} "
-            f"({', '.join(f'{m} {r}' for m, r in meta['runners'].items())})",
+            f"({', '.join(f'{m} {r}' for m, r in runners.items())})",
         )
     print(f"[bench] wrote {out / 'bench.json'}")
     if failed:

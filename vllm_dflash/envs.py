@@ -28,6 +28,11 @@ travel here (or in the drafter's ``config.json``), never in
     gives ``num_speculative_tokens_per_batch_size`` (vLLM's static schedule)
     and on vLLM releases without dynamic speculative decoding (< 0.26).
 
+``VLLM_DFLASH_ALLOW_KNOWN_CRASHES``
+    ``1`` skips the start-up refusal of configurations that crashed
+    mid-request on a GPU (``vllm_dflash.backend.refuse_known_crashes``), to
+    re-test them on a new driver or build; never for serving. Default ``0``.
+
 ``VLLM_DFLASH_CACHE_DIR``
     Where ``vllm-dflash demo`` keeps the tiny target and the drafter trained
     for it (built once per recipe and version). Default
@@ -71,6 +76,11 @@ def capture_enabled() -> bool:
     if "VLLM_DFLASH_CAPTURE" not in os.environ:
         return True
     return _flag("VLLM_DFLASH_CAPTURE")
+
+
+def allow_known_crashes() -> bool:
+    """Whether to start configurations known to crash (for re-testing them)."""
+    return _flag("VLLM_DFLASH_ALLOW_KNOWN_CRASHES")
 
 
 def cache_dir() -> Path:

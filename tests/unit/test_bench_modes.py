@@ -4,6 +4,11 @@ sizes shared by every mode of a run."""
 
 from __future__ import annotations
 
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
 import pytest
 
 from vllm_dflash import adaptive, bench
@@ -163,3 +168,43 @@ def test_summary_and_table_name_every_mode(capsys: pytest.CaptureFixture[str]) -
     # vs native: native-k15 stands in for native when only it ran.
     assert "   plugin  15     v2      1      250.0      -    2.50x     2.00x" in table
     assert "adaptive/best" in table and "1.20x" in table
+
+
+def test_bench_json_is_written_after_every_mode(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run stopped by a time limit (the GPU machine allows 10 minutes a
+    command) keeps the rows of the modes that finished."""
+    seen: list[dict[str, Any]] = []
+
+    def fake_run_mode(spec: bench.BenchSpec, log: Path) -> list[BenchRow]:
+        if (tmp_path / "bench.json").exists():
+            seen.append(json.loads((tmp_path / "bench.json").read_text()))
+        tok_s = {"none": 100.0, "plugin": 400.0}[spec.mode]
+        return [
+            BenchRow(spec.mode, 1, 256, 256 / tok_s, tok_s, None, "v1", spec.k, 256)
+        ]
+
+    monkeypatch.setattr(bench, "run_mode", fake_run_mode)
+    monkeypatch.setattr(bench, "plot", lambda *a, **k: None)
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    args = parser.parse_args(
+        [
+            "--preset",
+            "tiny",
+            "--modes",
+            "none,plugin",
+            "--batch-sizes",
+            "1",
+            "--out",
+            str(tmp_path),
+        ]
+    )
+    assert bench.bench_command(args) == 0
+    (partial,) = seen
+    assert partial["meta"]["complete"] is False
+    assert [r["mode"] for r in partial["rows"]] == ["none"]
+    final = json.loads((tmp_path / "bench.json").read_text())
+    assert final["meta"]["complete"] is True
+    assert [r["mode"] for r in final["rows"]] == ["none", "plugin"]
