@@ -39,8 +39,13 @@ case "$1" in
     name=$2
     shift 2
     mkdir -p "$OUT/$name"
+    # bench.json grows mode by mode: keep a copy in $OUT in case the machine's
+    # own limit stops this command before the copy below.
+    (while sleep 10; do cp "$WORK/$name/bench.json" "$OUT/$name/" 2>/dev/null; done) &
+    copier=$!
     timeout "${BENCH_TIMEOUT:-560}" vllm-dflash bench --out "$WORK/$name" "$@" > "$OUT/$name/bench.log" 2>&1
     echo "bench $name rc=$?"
+    kill $copier
     cp "$WORK/$name/bench.json" "$WORK/$name/bench.png" "$OUT/$name/" 2>/dev/null
     for log in "$WORK/$name"/*.log; do tail -c 12000 "$log" > "$OUT/$name/$(basename "$log")"; done
     tail -n 30 "$OUT/$name/bench.log"
