@@ -83,39 +83,31 @@ def backend_enum(name: str) -> Any:
     return compat.AttentionBackendEnum[name]
 
 
-# vLLM releases below this one crashed with FLEX_ATTENTION under DFlash:
-# measured on an H200 with vLLM 0.20.0 (fp32, target and drafter on
-# FLEX_ATTENTION, V1 runner, CUDA graphs): "CUDA error: an illegal memory
-# access was encountered" in the first decode steps, while the same engine
-# without speculation, and the same config on vLLM 0.26.0, ran losslessly.
-# The cause (FlexAttention's full-CUDA-graph metadata changed between the two
-# releases) and which of the two models triggers it were not isolated, so both
-# are refused.
+# Below this vLLM release a FLEX_ATTENTION *target* crashed under DFlash:
+# measured on an H200 with vLLM 0.20.0 (fp32, V1 runner, CUDA graphs), target
+# and drafter on FLEX_ATTENTION: "CUDA error: an illegal memory access was
+# encountered" in the first decode steps, while the same engine without
+# speculation, and the same config on vLLM 0.26.0, ran losslessly. A later
+# run isolated the side: TRITON_ATTN target + FLEX_ATTENTION drafter ran on
+# 0.20.0 with greedy output identical to no speculation (and to 0.26.0), so
+# only the target is refused. A FLEX target under DFlash verifies K+1 tokens
+# per request against FlexAttention's CUDA-graph block mask, whose metadata
+# changed between the two releases.
 FLEX_SAFE_FROM = (0, 26)
 
 
-def refuse_known_crashes(
-    target_backend: str | None,
-    drafter_backend: str | None,
-    vllm_version: str,
-    *,
-    drafter_field: str = SPEC_FIELD,
-) -> None:
+def refuse_known_crashes(target_backend: str | None, vllm_version: str) -> None:
     """Refuse, at start-up, backend choices that crashed mid-request."""
     from vllm_dflash.support import version_tuple
 
     if version_tuple(vllm_version) >= FLEX_SAFE_FROM or envs.allow_known_crashes():
         return
-    for field, name in (
-        ("attention_backend", target_backend),
-        (drafter_field, drafter_backend),
-    ):
-        if name == "FLEX_ATTENTION":
-            raise DFlashConfigError(
-                field,
-                name,
-                f"With DFlash on vLLM {vllm_version}, FLEX_ATTENTION crashed the "
-                "engine mid-request (CUDA illegal memory access, measured on an "
-                "H200). Use FLASH_ATTN (or TRITON_ATTN for the target), or vLLM "
-                ">= 0.26, where this config runs.",
-            )
+    if target_backend == "FLEX_ATTENTION":
+        raise DFlashConfigError(
+            "attention_backend",
+            target_backend,
+            f"With DFlash on vLLM {vllm_version}, a FLEX_ATTENTION target crashed "
+            "the engine mid-request (CUDA illegal memory access, measured on an "
+            "H200). Run the target on TRITON_ATTN or FLASH_ATTN (the drafter may "
+            "stay on FLEX_ATTENTION), or use vLLM >= 0.26, where this config runs.",
+        )

@@ -38,7 +38,7 @@ def check_engine_config(vllm_config: Any) -> None:
     if reason is not None:
         raise UnsupportedVLLMError(reason)
     cfg = prepare_draft_config(vllm_config)
-    drafter_backend = backend.resolve(spec, needs_non_causal=cfg.any_non_causal)
+    backend.resolve(spec, needs_non_causal=cfg.any_non_causal)
     target_backend = getattr(
         getattr(vllm_config, "attention_config", None), "backend", None
     )
@@ -46,9 +46,7 @@ def check_engine_config(vllm_config: Any) -> None:
         None
         if target_backend is None
         else str(getattr(target_backend, "name", target_backend)),
-        drafter_backend,
         support.vllm_version(),
-        drafter_field=backend.requested_field(spec),
     )
     check_checkpoint(Path(str(spec.draft_model_config.model)), cfg)
 

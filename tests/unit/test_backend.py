@@ -50,26 +50,22 @@ def test_unknown_backend_is_named() -> None:
         backend.check_non_causal("NOT_A_BACKEND")
 
 
-def test_flex_attention_refused_where_it_crashed(
+def test_flex_attention_target_refused_where_it_crashed(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """vLLM 0.20 + FLEX_ATTENTION + DFlash crashed mid-request on an H200:
-    refused at start-up there, for the target and the drafter; allowed from
-    vLLM 0.26 (measured lossless) and for every other backend."""
-    with pytest.raises(DFlashConfigError, match=r"attention_backend.*FLEX_ATTENTION"):
-        backend.refuse_known_crashes("FLEX_ATTENTION", "FLASH_ATTN", "0.20.0")
+    """vLLM 0.20 + a FLEX_ATTENTION target + DFlash crashed mid-request on an
+    H200: refused at start-up there with the fix; allowed from vLLM 0.26
+    (measured lossless). The drafter on FLEX ran losslessly on 0.20 and is not
+    refused (only the target's backend is an argument)."""
     with pytest.raises(
-        DFlashConfigError, match=r"VLLM_DFLASH_DRAFT_ATTENTION_BACKEND.*FLASH_ATTN"
+        DFlashConfigError, match=r"attention_backend.*FLEX_ATTENTION.*TRITON_ATTN"
     ):
-        backend.refuse_known_crashes(
-            "TRITON_ATTN",
-            "FLEX_ATTENTION",
-            "0.21.1",
-            drafter_field="VLLM_DFLASH_DRAFT_ATTENTION_BACKEND",
-        )
-    backend.refuse_known_crashes("FLEX_ATTENTION", "FLEX_ATTENTION", "0.26.0")
-    backend.refuse_known_crashes("TRITON_ATTN", "FLASH_ATTN", "0.20.0")
-    backend.refuse_known_crashes(None, None, "0.20.0")
+        backend.refuse_known_crashes("FLEX_ATTENTION", "0.20.0")
+    with pytest.raises(DFlashConfigError, match=r"vLLM >= 0\.26"):
+        backend.refuse_known_crashes("FLEX_ATTENTION", "0.25.1")
+    backend.refuse_known_crashes("FLEX_ATTENTION", "0.26.0")
+    backend.refuse_known_crashes("TRITON_ATTN", "0.20.0")
+    backend.refuse_known_crashes(None, "0.20.0")
     # The escape hatch for re-testing on a new driver or build.
     monkeypatch.setenv("VLLM_DFLASH_ALLOW_KNOWN_CRASHES", "1")
-    backend.refuse_known_crashes("FLEX_ATTENTION", "FLEX_ATTENTION", "0.20.0")
+    backend.refuse_known_crashes("FLEX_ATTENTION", "0.20.0")
