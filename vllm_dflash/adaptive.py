@@ -46,6 +46,7 @@ import math
 import statistics
 from collections import Counter, deque
 from dataclasses import dataclass, field
+from typing import Any
 
 from vllm_dflash.log import get_logger
 
@@ -307,6 +308,29 @@ class AdaptiveDraftLength:
         if any(n != 1 + k for n in num_scheduled_tokens.values()):
             return  # a prefill or a request clipped at max_model_len
         self.cost.observe(len(num_scheduled_tokens) * (1 + k), k > 0, seconds)
+
+    def snapshot(self) -> dict[str, Any]:
+        """What the policy has decided and measured so far (JSON-ready), for
+        the benchmark and for debugging a choice: steps per K (all batch
+        sizes), the median step time per (verify-token bin, drafting) in ms
+        with its sample count, and the conditional acceptance per position."""
+        steps: Counter[int] = Counter()
+        for (_, k), n in self.decisions.items():
+            steps[k] += n
+        return {
+            "steps_per_k": {str(k): steps[k] for k in sorted(steps)},
+            "step_ms": {
+                f"{2 ** (b / 2):.0f}{'+draft' if d else ''}": [
+                    round(1e3 * statistics.median(v), 3),
+                    len(v),
+                ]
+                for (b, d), v in sorted(self.cost.recent.items())
+                if v
+            },
+            "conditional_acceptance": [
+                round(r, 3) for r in self.acceptance.conditional()
+            ],
+        }
 
     def summary(self) -> str:
         """One line: K chosen per batch bucket (most frequent) and E[accepted]."""

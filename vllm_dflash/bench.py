@@ -31,7 +31,7 @@ from typing import Any
 
 from vllm_dflash.adaptive import candidate_ks
 from vllm_dflash.config import DFlashConfigError
-from vllm_dflash.engine import collect_spec_metrics, runner_version
+from vllm_dflash.engine import adaptive_snapshot, collect_spec_metrics, runner_version
 from vllm_dflash.envs import ADAPTIVE_K
 
 MODES = ("none", "native", "plugin")
@@ -356,6 +356,9 @@ class BenchRow:
     """num_speculative_tokens of the mode (the maximum for adaptive)."""
     output_len: int = 0
     """Output tokens per request; rows of ``--long-output-len`` differ."""
+    adaptive: dict[str, Any] | None = None
+    """Adaptive mode: steps per K in this row's timed run, and the policy's
+    step-time and acceptance estimates after it (``AdaptiveDraftLength.snapshot``)."""
 
 
 def _spec_metrics(llm: Any) -> tuple[float, float]:
@@ -365,6 +368,18 @@ def _spec_metrics(llm: Any) -> tuple[float, float]:
         totals.get("vllm:spec_decode_num_drafts", 0.0),
         totals.get("vllm:spec_decode_num_accepted_tokens", 0.0),
     )
+
+
+def _policy_delta(
+    before: dict[str, Any] | None, after: dict[str, Any] | None
+) -> dict[str, Any] | None:
+    """The policy's snapshot after a timed run, its steps per K counted over
+    that run only."""
+    if after is None:
+        return None
+    old = (before or {}).get("steps_per_k", {})
+    steps = {k: n - old.get(k, 0) for k, n in after["steps_per_k"].items()}
+    return {**after, "steps_per_k": {k: n for k, n in steps.items() if n}}
 
 
 def _memory_utilization() -> float:
@@ -452,6 +467,7 @@ def _worker(spec: BenchSpec) -> list[BenchRow]:
         )
         llm.generate(prompts[: min(batch, 2)], warmup, use_tqdm=False)
         before = _spec_metrics(llm)
+        policy_before = llm.collective_rpc(adaptive_snapshot)[0]
         start = time.perf_counter()
         outs = llm.generate(prompts, params, use_tqdm=False)
         seconds = time.perf_counter() - start
@@ -459,6 +475,7 @@ def _worker(spec: BenchSpec) -> list[BenchRow]:
         tokens = sum(len(o.outputs[0].token_ids) for o in outs)
         drafts = after[0] - before[0]
         tau = 1 + (after[1] - before[1]) / drafts if drafts else None
+        policy = _policy_delta(policy_before, llm.collective_rpc(adaptive_snapshot)[0])
         rows.append(
             BenchRow(
                 spec.mode,
@@ -470,12 +487,14 @@ def _worker(spec: BenchSpec) -> list[BenchRow]:
                 runner,
                 spec.k,
                 output_len,
+                policy,
             )
         )
         print(
             f"[bench] {spec.mode:>10} ({runner}) batch {batch:>3} x {output_len} "
             f"tokens: {tokens / seconds:9.1f} tok/s ({seconds:.2f} s)"
-            + (f"  tau {tau:.2f}" if tau else ""),
+            + (f"  tau {tau:.2f}" if tau else "")
+            + (f"  steps per K {policy['steps_per_k']}" if policy else ""),
             file=sys.stderr,
             flush=True,
         )

@@ -90,6 +90,18 @@ def runner_version(worker: Any) -> str:
     return "v2" if module.startswith("vllm.v1.worker.gpu.") else "v1"
 
 
+def adaptive_snapshot(worker: Any) -> dict[str, Any] | None:
+    """The adaptive-K policy's ``snapshot()`` where the engine has one. Run
+    through ``collective_rpc``: the worker of a single-GPU engine lives in the
+    engine-core process, beside the scheduler that holds the policy. None
+    where the worker has a process of its own (CPU vLLM's multiprocess
+    executor; tensor parallelism)."""
+    from vllm_dflash import adaptive
+
+    policy = adaptive.last_policy
+    return None if policy is None else policy.snapshot()
+
+
 def _call_hook(worker: Any, hook: str, phase: str) -> Any:
     import importlib
 

@@ -7,6 +7,7 @@ recorded."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -24,7 +25,10 @@ def test_bench_writes_table_json_and_plot(tmp_path: Path) -> None:
     cmd += ["--prompt-len", "8", "--output-len", "16", "--long-output-len", "40"]
     cmd += ["--enforce-eager"]
     cmd += ["--dtype", "float32", "--out", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    # In-process engine cores: CPU vLLM otherwise gives the worker its own
+    # process, away from the scheduler's adaptive policy the bench reads.
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     data = json.loads((out / "bench.json").read_text())
     rows = {(r["mode"], r["batch"]): r for r in data["rows"]}
@@ -38,6 +42,14 @@ def test_bench_writes_table_json_and_plot(tmp_path: Path) -> None:
     # At most K drafts accepted per step: 1 <= tau <= K + 1.
     assert 1.0 <= rows[("plugin-k3", 2)]["acceptance_length"] <= 4.0
     assert 1.0 <= rows[("adaptive", 2)]["acceptance_length"] <= 8.0
+    # The adaptive rows say which K their steps ran (the policy lives in the
+    # engine-core process; the bench reads it through collective_rpc).
+    for b in (1, 2):
+        policy = rows[("adaptive", b)]["adaptive"]
+        assert set(policy["steps_per_k"]) <= {"0", "1", "3", "7"}
+        assert sum(policy["steps_per_k"].values()) > 0
+        assert len(policy["conditional_acceptance"]) == 7
+    assert rows[("plugin-k3", 1)]["adaptive"] is None
     meta = data["meta"]
     assert meta["acceptance"] == "decay" and meta["synthetic"] is False
     assert meta["capture_sizes"] == [1, 2, 4, 8, 16]

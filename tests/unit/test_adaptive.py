@@ -4,6 +4,7 @@ known too; and its hand-over to vLLM (schedule, config injection)."""
 
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
@@ -248,3 +249,31 @@ def test_lazy_decay_equals_decaying_every_count() -> None:
             accepted[i] += 1.0 if i < n else 0.0
     eager = [(a + 2.0 * 0.7) / (t + 2.0) for a, t in zip(accepted, tried, strict=True)]
     assert est.conditional() == pytest.approx(eager, rel=1e-9)
+
+
+def test_snapshot_reports_decisions_costs_and_acceptance() -> None:
+    policy = AdaptiveDraftLength(7, min_samples=1)
+    policy.observe_request(7, 3)
+    for step in range(4):
+        k = policy[4]
+        drafts = {f"r{i}": [0] * k for i in range(4)}
+        policy.observe_step_output(
+            {r: 1 + k for r in drafts}, drafts, k, 0.01 * (step + 1)
+        )
+    snap = policy.snapshot()
+    assert sum(snap["steps_per_k"].values()) == 4
+    assert set(snap["steps_per_k"]) <= {"0", "1", "3", "7"}
+    assert len(snap["conditional_acceptance"]) == 7
+    for ms, n in snap["step_ms"].values():
+        assert ms == pytest.approx(10.0) and n >= 1
+    json.dumps(snap)  # JSON-ready: the benchmark stores it
+
+
+def test_policy_delta_counts_only_the_timed_run() -> None:
+    from vllm_dflash.bench import _policy_delta
+
+    before = {"steps_per_k": {"0": 3, "3": 5}}
+    after = {"steps_per_k": {"0": 3, "3": 9, "7": 2}, "step_ms": {}}
+    assert _policy_delta(before, after)["steps_per_k"] == {"3": 4, "7": 2}
+    assert _policy_delta(None, after)["steps_per_k"] == after["steps_per_k"]
+    assert _policy_delta(None, None) is None
