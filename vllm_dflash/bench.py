@@ -359,6 +359,9 @@ class BenchRow:
     adaptive: dict[str, Any] | None = None
     """Adaptive mode: steps per K in this row's timed run, and the policy's
     step-time and acceptance estimates after it (``AdaptiveDraftLength.snapshot``)."""
+    warmup_tok_per_s: float | None = None
+    """The untimed warm-up run at the same batch before it (other prompts):
+    what a freshly started engine delivers at this batch the first time."""
 
 
 def _spec_metrics(llm: Any) -> tuple[float, float]:
@@ -443,6 +446,17 @@ def _worker(spec: BenchSpec) -> list[BenchRow]:
     rng = random.Random(0)
     vocab = json.loads(Path(spec.target, "config.json").read_text())["vocab_size"]
     low, high = min(1000, vocab // 4), min(30000, vocab // 2)
+
+    def random_prompts(n: int) -> Any:
+        return [
+            {
+                "prompt_token_ids": [
+                    rng.randrange(low, high) for _ in range(spec.prompt_len)
+                ]
+            }
+            for _ in range(n)
+        ]
+
     rows = []
     runs = [(batch, spec.output_len) for batch in spec.batch_sizes]
     if spec.long_output_len:
@@ -451,21 +465,24 @@ def _worker(spec: BenchSpec) -> list[BenchRow]:
         params = SamplingParams(
             max_tokens=output_len, temperature=0.0, ignore_eos=True, detokenize=False
         )
-        prompts: Any = [
-            {
-                "prompt_token_ids": [
-                    rng.randrange(low, high) for _ in range(spec.prompt_len)
-                ]
-            }
-            for _ in range(batch)
-        ]
+
+        # Warm up on the whole batch (other prompts, so no prefix-cache hits
+        # later): kernels JIT-compiled for this batch's shapes, and the
+        # adaptive policy's first measurements at this batch, belong to an
+        # engine's start, not to its steady state. The warm-up's own rate is
+        # kept in the row.
         warmup = SamplingParams(
             max_tokens=min(output_len, spec.output_len),
             temperature=0.0,
             ignore_eos=True,
             detokenize=False,
         )
-        llm.generate(prompts[: min(batch, 2)], warmup, use_tqdm=False)
+        start = time.perf_counter()
+        warm = llm.generate(random_prompts(batch), warmup, use_tqdm=False)
+        warm_rate = sum(len(o.outputs[0].token_ids) for o in warm) / (
+            time.perf_counter() - start
+        )
+        prompts = random_prompts(batch)
         before = _spec_metrics(llm)
         policy_before = llm.collective_rpc(adaptive_snapshot)[0]
         start = time.perf_counter()
@@ -488,6 +505,7 @@ def _worker(spec: BenchSpec) -> list[BenchRow]:
                 spec.k,
                 output_len,
                 policy,
+                warm_rate,
             )
         )
         print(

@@ -50,6 +50,8 @@ def test_bench_writes_table_json_and_plot(tmp_path: Path) -> None:
         assert sum(policy["steps_per_k"].values()) > 0
         assert len(policy["conditional_acceptance"]) == 7
     assert rows[("plugin-k3", 1)]["adaptive"] is None
+    # Every row keeps its untimed full-batch warm-up's rate.
+    assert all(r["warmup_tok_per_s"] > 0 for r in rows.values())
     meta = data["meta"]
     assert meta["acceptance"] == "decay" and meta["synthetic"] is False
     assert meta["capture_sizes"] == [1, 2, 4, 8, 16]
