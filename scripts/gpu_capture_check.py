@@ -58,7 +58,10 @@ def engine(
             dtype="float32",
             llm_kwargs={
                 "enforce_eager": False,
-                "gpu_memory_utilization": 0.3,
+                # A fixed KV cache skips vLLM's memory profiling, which fails
+                # when engines sharing the GPU free memory meanwhile
+                # (`gpu_session.sh correctness` runs this beside others).
+                "kv_cache_memory_bytes": 2 << 30,
                 "attention_backend": FLEX,
             },
             speculative_extra={} if drafter is None else {"attention_backend": FLEX},
