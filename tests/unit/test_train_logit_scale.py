@@ -31,8 +31,7 @@ GAIN = 100.0
 
 def test_init_logit_scale_gives_unit_logits_and_spares_short_rows() -> None:
     cfg = TrainConfig(target="", output="", num_layers=1, block_size=8)
-    target_cfg = {**tiny.TINY_TARGET, "hidden_size": 128}
-    hf = drafter_hf_config(cfg, target_cfg, [1])
+    hf = drafter_hf_config(cfg, tiny.TINY_TARGET, [1])
     drafter = TorchDrafter(DFlashDraftConfig.from_hf_config(hf), 10000.0)
     long_rows = 0.02 * GAIN * torch.randn(512, 128)
     assert lm_head_row_rms(long_rows) > 20
