@@ -161,7 +161,8 @@ def summary(work: Path, out: Path) -> int:
     )
     print(
         f"drafter: {train.get('steps')} steps in {train.get('elapsed_s', 0):.0f} s, "
-        f"loss {train.get('loss', float('nan')):.3f}, held-out tau "
+        f"loss {train.get('initial_loss', float('nan')):.3f} at the first step, "
+        f"{train.get('loss', float('nan')):.3f} at the end, held-out tau "
         f"{train.get('heldout_acceptance', float('nan')):.2f}"
     )
     if not bench:

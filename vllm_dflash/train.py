@@ -107,6 +107,9 @@ class TrainResult:
     heldout_acceptance: float
     """Expected acceptance length tau (greedy, K = B-1) on held-out blocks."""
     heldout_first_token_accuracy: float
+    initial_loss: float
+    """Loss of the first step (the untrained drafter): about ln(vocab); far
+    above it, the logits start saturated (see ``init_logit_scale``)."""
     train_sequences: int
     heldout_blocks: int
     elapsed_s: float
@@ -489,6 +492,28 @@ def evaluate(
     return Heldout(walk_acceptance(runs), first / max(1, blocks), blocks)
 
 
+def lm_head_row_rms(lm_head: torch.Tensor) -> float:
+    """Root mean square of the lm_head rows' norms: the spread of the logits
+    of a unit-RMS hidden state (what the drafter's final norm gives at init)."""
+    return float(lm_head.float().pow(2).sum(-1).mean().sqrt())
+
+
+def init_logit_scale(drafter: TorchDrafter, lm_head: torch.Tensor) -> float:
+    """Scale the drafter's final norm down so its first logits have unit
+    spread, and return the factor (1 when the lm_head rows are short already).
+
+    A target's lm_head with long rows (the toy-language targets' rows carry
+    the embedding gain: about 34 for hidden 2048 and gain 37.6) turns the
+    random first hidden states into logits tens of units apart: softmax is
+    saturated, the loss starts in the hundreds and the drafter, stuck on
+    wrong confident drafts, never learns the first slot.
+    """
+    factor = min(1.0, 1.0 / max(lm_head_row_rms(lm_head), 1e-6))
+    with torch.no_grad():
+        drafter.norm.weight.mul_(factor)
+    return factor
+
+
 # -- the loop --------------------------------------------------------------------
 
 
@@ -576,6 +601,7 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     drafter = TorchDrafter(draft_cfg, float(hf_cfg["rope_theta"])).to(device)
     drafter.init_weights(torch.Generator().manual_seed(cfg.seed))
+    init_logit_scale(drafter, target.lm_head)
     opt = torch.optim.AdamW(
         drafter.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0
     )
@@ -596,6 +622,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     recent: list[float] = []
     loop_start = time.perf_counter()
     done = 0
+    initial_loss = float("nan")
     for step in range(cfg.steps):
         chosen = [
             train_seqs[rng.randrange(len(train_seqs))] for _ in range(cfg.batch_size)
@@ -617,6 +644,8 @@ def train(cfg: TrainConfig) -> TrainResult:
         opt.step()
         sched.step()
         recent = [*recent[-(cfg.eval_every - 1) :], loss.item()]
+        if step == 0:
+            initial_loss = recent[-1]
         done = step + 1
         out_of_time = (
             cfg.time_limit is not None
@@ -635,6 +664,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         loss=sum(recent) / len(recent),
         heldout_acceptance=held_out.tau,
         heldout_first_token_accuracy=held_out.first_accuracy,
+        initial_loss=initial_loss,
         train_sequences=len(train_seqs),
         heldout_blocks=held_out.blocks,
         elapsed_s=time.perf_counter() - start_time,
@@ -745,7 +775,8 @@ def train_command(args: argparse.Namespace) -> int:
     result = train(cfg)
     print(
         f"drafter written to {cfg.output}: {result.steps} steps in "
-        f"{result.elapsed_s:.0f}s, loss {result.loss:.3f}, held-out acceptance "
+        f"{result.elapsed_s:.0f}s, loss {result.initial_loss:.3f} -> "
+        f"{result.loss:.3f}, held-out acceptance "
         f"length {result.heldout_acceptance:.2f} (K={cfg.block_size - 1}, "
         f"{result.heldout_blocks} blocks), target layers {result.target_layer_ids}"
     )
