@@ -90,9 +90,9 @@ def backend_enum(name: str) -> Any:
 # speculation, and the same config on vLLM 0.26.0, ran losslessly. A later
 # run isolated the side: TRITON_ATTN target + FLEX_ATTENTION drafter ran on
 # 0.20.0 with greedy output identical to no speculation (and to 0.26.0), so
-# only the target is refused. A FLEX target under DFlash verifies K+1 tokens
-# per request against FlexAttention's CUDA-graph block mask, whose metadata
-# changed between the two releases.
+# only the target is refused. Not isolated further; the likely place is the
+# target's (K+1)-token verify under FlexAttention's CUDA-graph block mask,
+# whose metadata code changed between the two releases.
 FLEX_SAFE_FROM = (0, 26)
 
 
