@@ -25,12 +25,22 @@ NON_CAUSAL_BACKENDS_HINT = (
 SPEC_FIELD = "speculative_config.attention_backend"
 
 
+def _name(chosen: Any) -> str | None:
+    """A backend setting (enum member or string) as its upper-case name."""
+    return None if chosen is None else str(getattr(chosen, "name", chosen)).upper()
+
+
 def requested_backend(speculative_config: Any) -> str | None:
     """The backend name the user asked for, or None for vLLM's default."""
-    chosen = getattr(speculative_config, "attention_backend", None)
-    if chosen is not None:
-        return str(getattr(chosen, "name", chosen)).upper()
-    return envs.draft_attention_backend()
+    return _name(getattr(speculative_config, "attention_backend", None)) or (
+        envs.draft_attention_backend()
+    )
+
+
+def target_backend(vllm_config: Any) -> str | None:
+    """The target's backend name (``--attention-backend``), None if unset."""
+    attention = getattr(vllm_config, "attention_config", None)
+    return _name(getattr(attention, "backend", None))
 
 
 def backend_class(name: str) -> type:

@@ -39,14 +39,8 @@ def check_engine_config(vllm_config: Any) -> None:
         raise UnsupportedVLLMError(reason)
     cfg = prepare_draft_config(vllm_config)
     backend.resolve(spec, needs_non_causal=cfg.any_non_causal)
-    target_backend = getattr(
-        getattr(vllm_config, "attention_config", None), "backend", None
-    )
     backend.refuse_known_crashes(
-        None
-        if target_backend is None
-        else str(getattr(target_backend, "name", target_backend)),
-        support.vllm_version(),
+        backend.target_backend(vllm_config), support.vllm_version()
     )
     check_checkpoint(Path(str(spec.draft_model_config.model)), cfg)
 

@@ -69,3 +69,20 @@ def test_flex_attention_target_refused_where_it_crashed(
     # The escape hatch for re-testing on a new driver or build.
     monkeypatch.setenv("VLLM_DFLASH_ALLOW_KNOWN_CRASHES", "1")
     backend.refuse_known_crashes("FLEX_ATTENTION", "0.20.0")
+
+
+def test_target_backend_is_named_from_the_engine_config() -> None:
+    """What ``startup`` hands ``refuse_known_crashes``: vLLM keeps the target's
+    ``--attention-backend`` as an enum member (or None)."""
+    from types import SimpleNamespace
+
+    def config(chosen: object) -> SimpleNamespace:
+        return SimpleNamespace(attention_config=SimpleNamespace(backend=chosen))
+
+    flex = backend.backend_enum("FLEX_ATTENTION")
+    assert backend.target_backend(config(flex)) == "FLEX_ATTENTION"
+    assert backend.target_backend(config("triton_attn")) == "TRITON_ATTN"
+    assert backend.target_backend(config(None)) is None
+    assert backend.target_backend(SimpleNamespace()) is None
+    with pytest.raises(DFlashConfigError, match="attention_backend"):
+        backend.refuse_known_crashes(backend.target_backend(config(flex)), "0.20.0")
