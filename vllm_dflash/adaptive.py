@@ -309,16 +309,20 @@ class AdaptiveDraftLength:
             return  # a prefill or a request clipped at max_model_len
         self.cost.observe(len(num_scheduled_tokens) * (1 + k), k > 0, seconds)
 
+    def steps_per_k(self) -> dict[int, int]:
+        """How many steps each K was chosen for, over all batch sizes."""
+        steps: Counter[int] = Counter()
+        for (_, k), n in self.decisions.items():
+            steps[k] += n
+        return dict(sorted(steps.items()))
+
     def snapshot(self) -> dict[str, Any]:
         """What the policy has decided and measured so far (JSON-ready), for
         the benchmark and for debugging a choice: steps per K (all batch
         sizes), the median step time per (verify-token bin, drafting) in ms
         with its sample count, and the conditional acceptance per position."""
-        steps: Counter[int] = Counter()
-        for (_, k), n in self.decisions.items():
-            steps[k] += n
         return {
-            "steps_per_k": {str(k): steps[k] for k in sorted(steps)},
+            "steps_per_k": {str(k): n for k, n in self.steps_per_k().items()},
             "step_ms": {
                 f"{2 ** (b / 2):.0f}{'+draft' if d else ''}": [
                     round(1e3 * statistics.median(v), 3),

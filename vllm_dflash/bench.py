@@ -373,6 +373,14 @@ def _spec_metrics(llm: Any) -> tuple[float, float]:
     )
 
 
+def _timed_generate(llm: Any, prompts: Any, params: Any) -> tuple[int, float]:
+    """(output tokens, seconds) of one ``generate`` over ``prompts``."""
+    start = time.perf_counter()
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    seconds = time.perf_counter() - start
+    return sum(len(o.outputs[0].token_ids) for o in outs), seconds
+
+
 def _policy_delta(
     before: dict[str, Any] | None, after: dict[str, Any] | None
 ) -> dict[str, Any] | None:
@@ -477,19 +485,12 @@ def _worker(spec: BenchSpec) -> list[BenchRow]:
             ignore_eos=True,
             detokenize=False,
         )
-        start = time.perf_counter()
-        warm = llm.generate(random_prompts(batch), warmup, use_tqdm=False)
-        warm_rate = sum(len(o.outputs[0].token_ids) for o in warm) / (
-            time.perf_counter() - start
-        )
+        warm_tokens, warm_seconds = _timed_generate(llm, random_prompts(batch), warmup)
         prompts = random_prompts(batch)
         before = _spec_metrics(llm)
         policy_before = llm.collective_rpc(adaptive_snapshot)[0]
-        start = time.perf_counter()
-        outs = llm.generate(prompts, params, use_tqdm=False)
-        seconds = time.perf_counter() - start
+        tokens, seconds = _timed_generate(llm, prompts, params)
         after = _spec_metrics(llm)
-        tokens = sum(len(o.outputs[0].token_ids) for o in outs)
         drafts = after[0] - before[0]
         tau = 1 + (after[1] - before[1]) / drafts if drafts else None
         policy = _policy_delta(policy_before, llm.collective_rpc(adaptive_snapshot)[0])
@@ -505,7 +506,7 @@ def _worker(spec: BenchSpec) -> list[BenchRow]:
                 spec.k,
                 output_len,
                 policy,
-                warm_rate,
+                warm_tokens / warm_seconds,
             )
         )
         print(

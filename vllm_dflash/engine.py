@@ -197,12 +197,7 @@ def _adaptive_decisions() -> dict[int, int] | None:
     from vllm_dflash import adaptive
 
     policy = adaptive.last_policy
-    if policy is None:
-        return None
-    steps: dict[int, int] = {}
-    for (_, k), n in policy.decisions.items():
-        steps[k] = steps.get(k, 0) + n
-    return steps
+    return None if policy is None else policy.steps_per_k()
 
 
 def _override(params: Any, changes: dict[str, Any]) -> Any:

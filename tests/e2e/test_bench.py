@@ -41,14 +41,20 @@ def test_bench_writes_table_json_and_plot(tmp_path: Path) -> None:
     assert [rows[(m, 1)]["k"] for m in modes] == [0, 3, 7]
     # At most K drafts accepted per step: 1 <= tau <= K + 1.
     assert 1.0 <= rows[("plugin-k3", 2)]["acceptance_length"] <= 4.0
-    assert 1.0 <= rows[("adaptive", 2)]["acceptance_length"] <= 8.0
     # The adaptive rows say which K their steps ran (the policy lives in the
-    # engine-core process; the bench reads it through collective_rpc).
+    # engine-core process; the bench reads it through collective_rpc). On
+    # this CPU the policy may settle on K = 0 (no drafts, no tau) after the
+    # warm-up; tau is there only if some step drafted.
     for b in (1, 2):
-        policy = rows[("adaptive", b)]["adaptive"]
+        row = rows[("adaptive", b)]
+        policy = row["adaptive"]
         assert set(policy["steps_per_k"]) <= {"0", "1", "3", "7"}
         assert sum(policy["steps_per_k"].values()) > 0
         assert len(policy["conditional_acceptance"]) == 7
+        drafted = any(k != "0" for k in policy["steps_per_k"])
+        if row["acceptance_length"] is not None:
+            assert drafted and 1.0 <= row["acceptance_length"] <= 8.0
+        assert drafted or row["acceptance_length"] is None
     assert rows[("plugin-k3", 1)]["adaptive"] is None
     # Every row keeps its untimed full-batch warm-up's rate.
     assert all(r["warmup_tok_per_s"] > 0 for r in rows.values())
