@@ -54,7 +54,6 @@ def test_bench_writes_table_json_and_plot(tmp_path: Path) -> None:
         drafted = any(k != "0" for k in policy["steps_per_k"])
         if row["acceptance_length"] is not None:
             assert drafted and 1.0 <= row["acceptance_length"] <= 8.0
-        assert drafted or row["acceptance_length"] is None
     assert rows[("plugin-k3", 1)]["adaptive"] is None
     # Every row keeps its untimed full-batch warm-up's rate.
     assert all(r["warmup_tok_per_s"] > 0 for r in rows.values())
