@@ -7,7 +7,8 @@ vLLM's method-agnostic machinery (``SpecDecodeBaseProposer``: buffers, CUDA
 graph dispatch, attention-group setup, next-token bookkeeping) and implements
 DFlash itself: context K/V injection, the block, and greedy drafting.
 
-Per step, for B requests with K drafts (block length Q = K + 1):
+Per step, for B requests with K drafts (block length Q = K + 1; K is what
+the scheduler asked for this step, at most ``num_speculative_tokens``):
 
     1. context   fused target features of every scheduled token -> K/V
                  written into every draft layer's cache at those tokens' slots
@@ -58,6 +59,11 @@ class ProposerStats:
     steps: int = 0
     draft_tokens: int = 0
     context_tokens: int = 0
+    # Blocks drafted (one per request per step) and the positions run
+    # through the drafter for them (B x Q summed over steps): K drafts per
+    # request cost K + 1 positions, whatever num_speculative_tokens.
+    blocks: int = 0
+    block_tokens: int = 0
 
 
 class DFlashProposer(compat.SpecDecodeBaseProposer):
@@ -79,7 +85,7 @@ class DFlashProposer(compat.SpecDecodeBaseProposer):
             runner=runner,
         )
         self.stats = ProposerStats()
-        self.block_len = self.num_speculative_tokens + 1
+        self.block_len = self.num_speculative_tokens + 1  # the longest block
         self._offsets = torch.arange(self.block_len, device=device, dtype=torch.int64)
         self._block_causal = not self.draft_config.any_non_causal
         self._backend = backend.resolve(spec, needs_non_causal=not self._block_causal)
@@ -237,13 +243,17 @@ class DFlashProposer(compat.SpecDecodeBaseProposer):
         if k == 0:
             return torch.empty(batch, 0, dtype=torch.int64, device=self.device)
 
-        num_block = batch * self.block_len
+        # K drafts need a block of K + 1 positions, not the longest block:
+        # with a dynamic K (adaptive or a per-batch-size schedule) a shorter
+        # block is what makes a smaller K cheaper for the drafter too.
+        q = k + 1
+        num_block = batch * q
         mode, num_padded, across_dp = self._determine_batch_execution_and_padding(
             num_block
         )
         with record_function("dflash.prepare_block"):
             block_cad, pos = self._prepare_block(
-                cad, next_token_ids, num_rejected_tokens_gpu
+                cad, next_token_ids, num_rejected_tokens_gpu, q
             )
             if self._groups is None:
                 _, per_layer = self.build_per_group_and_layer_attn_metadata(block_cad)
@@ -269,7 +279,7 @@ class DFlashProposer(compat.SpecDecodeBaseProposer):
                 positions=self.positions[:num_padded],
             )
         # [B*Q, d] -> slots 1..k of every block -> [B*k, d]
-        hidden = hidden[:num_block].view(batch, self.block_len, -1)[:, 1 : k + 1]
+        hidden = hidden[:num_block].view(batch, q, -1)[:, 1:]
         with record_function("dflash.sample"):
             drafts, probs = compat.sample_draft_tokens(
                 self, hidden.reshape(batch * k, -1), sampling_metadata
@@ -278,6 +288,8 @@ class DFlashProposer(compat.SpecDecodeBaseProposer):
             self._last_draft_probs = probs.view(batch, k, -1).contiguous()
         self.stats.steps += 1
         self.stats.draft_tokens += batch * k
+        self.stats.blocks += batch
+        self.stats.block_tokens += num_block
         return drafts.view(batch, k)
 
     def _prepare_block(
@@ -285,10 +297,12 @@ class DFlashProposer(compat.SpecDecodeBaseProposer):
         cad: compat.CommonAttentionMetadata,
         next_token_ids: torch.Tensor,
         num_rejected: torch.Tensor | None,
+        q: int,
     ) -> tuple[compat.CommonAttentionMetadata, torch.Tensor]:
-        """Fill the block's ids/positions buffers; return its metadata (for
-        the KV cache group of ``cad``) and the block positions [B, Q]."""
-        batch, q = cad.num_reqs, self.block_len
+        """Fill the buffers with ``q``-position blocks' ids and positions;
+        return their metadata (for the KV cache group of ``cad``) and the
+        block positions [B, q]."""
+        batch = cad.num_reqs
         # First block position = accepted length of each request: the
         # scheduled tokens the target rejected are excluded here and from
         # what the block attends to.
@@ -296,7 +310,7 @@ class DFlashProposer(compat.SpecDecodeBaseProposer):
         if num_rejected is not None:
             accepted = accepted - num_rejected[:batch]
         accepted = accepted.clamp_(min=0)
-        pos = accepted[:, None] + self._offsets  # [B, Q]
+        pos = accepted[:, None] + self._offsets[:q]  # [B, q]
 
         ids = self.input_ids[: batch * q].view(batch, q)
         ids.fill_(self.draft_config.mask_token_id)

@@ -181,6 +181,39 @@ def test_native_dflash_loads_the_trained_checkpoint(
     assert result.metrics["vllm:spec_decode_num_draft_tokens"] > 0
 
 
+def test_a_scheduled_k_drafts_a_block_of_k_plus_1(
+    trained: tiny.TrainedPair, prompts: list[list[int]], baseline: EngineResult
+) -> None:
+    """With num_speculative_tokens 15 and a schedule that verifies 3 drafts
+    at every batch size, the drafter runs blocks of 4 positions, not 16: the
+    same blocks, hence the same drafts and acceptance, as an engine whose
+    num_speculative_tokens is 3."""
+    scheduled = with_drafter(
+        trained,
+        prompts,
+        speculative_extra={"num_speculative_tokens_per_batch_size": [(1, 4096, 3)]},
+    )
+    fixed = run(
+        EngineSpec(
+            target=str(trained.target),
+            drafter=str(trained.drafter),
+            num_speculative_tokens=3,
+            prompts=prompts,
+            max_tokens=MAX_TOKENS,
+        )
+    )
+    assert scheduled.outputs == fixed.outputs == baseline.outputs
+    stats = scheduled.proposer_stats
+    assert stats is not None and stats["blocks"] > 0
+    assert stats["draft_tokens"] == 3 * stats["blocks"]
+    assert stats["block_tokens"] == 4 * stats["blocks"]
+    for name in ("num_drafts", "num_draft_tokens", "num_accepted_tokens"):
+        metric = f"vllm:spec_decode_{name}"
+        assert scheduled.metrics[metric] == fixed.metrics[metric], metric
+    tau = scheduled.acceptance_length
+    assert tau is not None and tau > 2.0, scheduled.metrics
+
+
 def test_adaptive_k_is_lossless_and_varies_k(
     trained: tiny.TrainedPair, prompts: list[list[int]], baseline: EngineResult
 ) -> None:
@@ -194,6 +227,11 @@ def test_adaptive_k_is_lossless_and_varies_k(
     assert steps is not None, "the adaptive policy was not installed"
     assert set(steps) <= {0, 1, 3, 7, 15}
     assert len(steps) >= 3, steps
+    # Each block was as long as its K + 1, so K below 15 drafted less.
+    stats = result.proposer_stats
+    assert stats is not None
+    assert stats["block_tokens"] == stats["draft_tokens"] + stats["blocks"]
+    assert stats["block_tokens"] < 16 * stats["blocks"]
     # Drafts were verified and accepted several at a time.
     tau = result.acceptance_length
     assert tau is not None and tau > 1.5, (result.metrics, steps)
