@@ -71,6 +71,7 @@ def register() -> None:
     patching.apply_on_import(patching.V1_RUNNER, patching.patch_v1_runner_proposer)
     patching.apply_on_import(patching.VLLM_CONFIG, patching.patch_vllm_config)
     patching.apply_on_import(patching.V2_SPEC_DECODE, patching.patch_v2_speculator)
+    patching.apply_on_import(patching.V2_RUNNER, patching.patch_v2_draft_length)
     if envs.capture_enabled():
         patching.override_capture_architectures(ModelRegistry, version)
     patching.apply_on_import(patching.CPU_KERNELS, patching.patch_cpu_expand_kernel)

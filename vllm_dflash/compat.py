@@ -278,19 +278,21 @@ def sample_draft_tokens(
 
 
 @contextlib.contextmanager
-def single_draft_length(vllm_config: Any) -> Iterator[None]:
-    """Hide a dynamic-K schedule (``num_speculative_tokens_per_batch_size``)
-    while the drafter's CUDA-graph manager is built: vLLM 0.26's manager then
-    plans decode graphs for every scheduled K (query length K + 1), but the
-    DFlash block is always K_max + 1 tokens per request, whatever K the
-    scheduler verifies; a graph planned for a shorter query would be chosen
-    and mis-shape the block (seen on the H200 with adaptive K)."""
+def drafting_lengths_only(vllm_config: Any) -> Iterator[None]:
+    """Keep only the K > 0 entries of a dynamic-K schedule
+    (``num_speculative_tokens_per_batch_size``) while the drafter's CUDA-graph
+    manager is built. vLLM 0.26's manager plans decode graphs for every K the
+    schedule names (query length K + 1), which is what the drafter needs: its
+    block for K drafts is K + 1 long. A step with K = 0 drafts nothing, so it
+    needs no graph (a schedule of only zeros plans the longest block)."""
     spec: Any = getattr(vllm_config, "speculative_config", None)
     schedule = getattr(spec, "num_speculative_tokens_per_batch_size", None)
     if schedule is None:
         yield
         return
-    spec.num_speculative_tokens_per_batch_size = None
+    spec.num_speculative_tokens_per_batch_size = [
+        entry for entry in schedule if entry[2] > 0
+    ] or None
     try:
         yield
     finally:

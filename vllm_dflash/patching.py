@@ -31,6 +31,7 @@ _applied: set[str] = set()
 V1_RUNNER = "vllm.v1.worker.gpu_model_runner"
 VLLM_CONFIG = "vllm.config.vllm"
 V2_SPEC_DECODE = "vllm.v1.worker.gpu.spec_decode"
+V2_RUNNER = "vllm.v1.worker.gpu.model_runner"
 ENGINE_ARGS = "vllm.engine.arg_utils"
 CPU_KERNELS = "vllm.utils.cpu_triton_utils"
 V2_SPECULATOR_BASE = "vllm.v1.worker.gpu.spec_decode.speculator"
@@ -106,6 +107,43 @@ def _module_exists(name: str) -> bool:
         return importlib.util.find_spec(name) is not None
     except (ImportError, ValueError):
         return False
+
+
+def patch_v2_draft_length(module: ModuleType) -> None:
+    """Ledger entry: the V2 speculator learns how many drafts are verified next.
+
+    Target:   ``vllm.v1.worker.gpu.model_runner.GPUModelRunner.execute_model``.
+    Why:      with a dynamic K (adaptive K, or a user's
+              ``num_speculative_tokens_per_batch_size``) the scheduler says in
+              each step's output how many drafts the next step verifies
+              (``num_spec_tokens_to_schedule``). vLLM 0.26's V2 runner never
+              hands it to the speculator (its V1 runner passes it to
+              ``propose``), so the plugin would draft the longest block every
+              step and a smaller K would save nothing on the drafter.
+    How:      before the original runs, pass the step's value to the
+              speculator's ``set_draft_length`` when it has one (only the
+              plugin's does); the same step's ``sample_tokens`` then drafts
+              that many. Dummy runs are left alone (their drafts are unused).
+    Upstream: vLLM 0.32's V2 runner passes ``num_speculative_tokens`` to
+              ``propose``.
+    Remove:   when the plugin's V2 speculator needs a release that does.
+    """
+    cls = getattr(module, "GPUModelRunner", None)
+    original = getattr(cls, "execute_model", None)
+    if original is None or getattr(original, "_vllm_dflash", False):
+        return
+
+    @functools.wraps(original)
+    def execute_model(self: Any, scheduler_output: Any, *args: Any, **kwargs: Any):  # type: ignore[no-untyped-def]
+        set_length = getattr(
+            getattr(self, "speculator", None), "set_draft_length", None
+        )
+        if set_length is not None and not kwargs.get("dummy_run", False):
+            set_length(getattr(scheduler_output, "num_spec_tokens_to_schedule", None))
+        return original(self, scheduler_output, *args, **kwargs)
+
+    execute_model._vllm_dflash = True  # type: ignore[attr-defined]
+    cls.execute_model = execute_model  # type: ignore[union-attr]
 
 
 def v2_speculator_available() -> bool:

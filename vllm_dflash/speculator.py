@@ -6,7 +6,8 @@ verification, with the step's target batch and captured hidden states. This
 class inherits only vLLM's method-agnostic ``DraftModelSpeculator`` (buffers,
 attention-group setup, draft sampling) and implements DFlash itself.
 
-One step, for B requests, N target tokens and block length Q = K + 1:
+One step, for B requests, N target tokens and block length Q = K + 1 (K: the
+drafts the scheduler will verify next step, ``set_draft_length``):
 
     eager   features   captured layers [N, n*d] -> static buffer
             slots      the target tokens' slots in each draft KV-cache group
@@ -18,11 +19,12 @@ One step, for B requests, N target tokens and block length Q = K + 1:
             forward    one pass of the draft layers over the block
             drafts     argmax of the target lm_head at slots 1..K -> [B, K]
 
-The graph part is one FULL CUDA graph per padded batch size: in steady-state
-decode N <= R*Q (R: padded request count), so the context projection rides in
-the same graph as the block. Steps with more target tokens than that (a
-prefill in the batch) project the context eagerly first and the graph's
-context rows write nothing.
+The graph part is one FULL CUDA graph per (padded batch size, Q): in
+steady-state decode N <= R*Q (R: padded request count), so the context
+projection rides in the same graph as the block. Steps with more target
+tokens than that (a prefill in the batch, or a step after a larger K) project
+the context eagerly first and the graph's context rows write nothing. A step
+whose K is 0 only projects the context (eagerly): nothing is drafted.
 """
 
 from __future__ import annotations
@@ -67,7 +69,9 @@ class DFlashSpeculator(compat.DraftModelSpeculator):
             )
         self.supports_mm_inputs = False
         self.stats = ProposerStats()
-        self.block_len = self.num_speculative_steps + 1
+        self.block_len = self.num_speculative_steps + 1  # the longest block
+        # Drafts the scheduler verifies next step (``set_draft_length``).
+        self._num_drafts = self.num_speculative_steps
         self._block_causal = not self.draft_config.any_non_causal
         self._backend = backend.resolve(spec, needs_non_causal=not self._block_causal)
 
@@ -158,10 +162,11 @@ class DFlashSpeculator(compat.DraftModelSpeculator):
                 "a full CUDA graph; the draft step runs eagerly.",
                 self.attn_cg_support.min_cg_attn_backend,
             )
-        # The block has one shape per batch size, so its graphs are FULL ones
-        # for uniform batches of Q tokens per request; nothing piecewise.
+        # The block has one shape per (batch size, K), so its graphs are FULL
+        # ones for uniform batches of Q = K + 1 tokens per request, one set
+        # per K the scheduler may ask for (K 0 drafts nothing); no piecewise.
         chosen = mode.FULL_DECODE_ONLY if wants_full and supports_full else mode.NONE
-        with compat.single_draft_length(self.vllm_config):
+        with compat.drafting_lengths_only(self.vllm_config):
             self._graphs = compat.CudaGraphManager(
                 self.vllm_config, self.device, chosen, decode_query_len=self.block_len
             )
@@ -176,7 +181,7 @@ class DFlashSpeculator(compat.DraftModelSpeculator):
 
     def _capture_forward(self, desc: Any, warmup: bool) -> Any:
         """Dummy inputs in the static buffers, then the step body to capture."""
-        reqs, tokens = desc.num_reqs, desc.num_tokens
+        reqs, tokens, q = desc.num_reqs, desc.num_tokens, desc.uniform_token_count
         batch = compat.InputBatch.make_dummy(reqs, tokens, self.input_buffers)
         slots = self.block_tables.get_dummy_slot_mappings(tokens)
         metadata = compat.build_attn_metadata(
@@ -185,7 +190,7 @@ class DFlashSpeculator(compat.DraftModelSpeculator):
             num_tokens=tokens,
             query_start_loc_gpu=batch.query_start_loc,
             query_start_loc_cpu=torch.from_numpy(batch.query_start_loc_np),
-            max_query_len=self.block_len,
+            max_query_len=q,
             seq_lens=batch.seq_lens,
             seq_lens_cpu_upper_bound=batch.seq_lens_cpu_upper_bound,
             max_seq_len=self.max_model_len,
@@ -196,11 +201,22 @@ class DFlashSpeculator(compat.DraftModelSpeculator):
             causal=self._group_causal,
         )
         by_layer = compat.build_slot_mappings_by_layer(slots, self.kv_cache_config)
-        return lambda cg_mode: self._draft(
-            reqs, tokens, metadata, by_layer, None, cg_mode
-        )
+        return lambda cg_mode: self._draft(reqs, q, metadata, by_layer, None, cg_mode)
 
     # -- the step ----------------------------------------------------------
+    def set_draft_length(self, num_drafts: int | None) -> None:
+        """How many drafts per request the scheduler verifies next step: the
+        next ``propose`` drafts that many (a block of ``num_drafts + 1``).
+        ``None`` (no dynamic K) means ``num_speculative_tokens``. Called
+        from the runner's ``execute_model`` (``patching.patch_v2_draft_length``)
+        before the ``propose`` of the same step."""
+        k = self.num_speculative_steps
+        if num_drafts is not None and self.dp_size == 1:
+            # Data-parallel ranks schedule apart but must run one graph shape
+            # per step: they keep the longest block.
+            k = max(0, min(num_drafts, k))
+        self._num_drafts = k
+
     @torch.inference_mode()
     def propose(
         self,
@@ -223,7 +239,9 @@ class DFlashSpeculator(compat.DraftModelSpeculator):
     ) -> torch.Tensor:
         # aux_hidden_states: n x [>=N, d]; returns draft ids [B, K]
         num_reqs, num_ctx = input_batch.num_reqs, input_batch.num_tokens
-        q = self.block_len
+        # Dummy runs (profiling, warm-up, DP padding) run the longest block.
+        k = self.num_speculative_steps if dummy_run else self._num_drafts
+        q = k + 1
         if not aux_hidden_states:
             raise RuntimeError(
                 "vllm-dflash: the target returned no captured hidden states; "
@@ -242,7 +260,13 @@ class DFlashSpeculator(compat.DraftModelSpeculator):
             self.model.store_context_kv(
                 self.ctx_features[:num_ctx], self.ctx_positions[:num_ctx], None
             )
-            self._draft(num_reqs, num_reqs * q, None, None, num_tokens_across_dp)
+            self._draft(num_reqs, q, None, None, num_tokens_across_dp)
+            return self.draft_tokens[:num_reqs]
+        if k == 0:
+            # Nothing is verified next step: only the context K/V, which
+            # later blocks attend to.
+            self._store_context_eagerly(num_ctx)
+            self.stats.context_tokens += num_ctx
             return self.draft_tokens[:num_reqs]
 
         desc, across_dp = compat.dispatch_cg_and_sync_dp(
@@ -258,15 +282,13 @@ class DFlashSpeculator(compat.DraftModelSpeculator):
         tokens = desc.num_tokens
 
         # Context slots first: the block's slots overwrite the shared buffer.
-        for row, gid in enumerate(self._gids):
-            self.ctx_slots[row, :num_ctx].copy_(
-                self.block_tables.slot_mappings[gid, :num_ctx]
-            )
+        self._copy_context_slots(num_ctx)
         if dummy_run:
             self.ctx_slots.fill_(PAD_SLOT)  # placeholder block tables
         if num_ctx > tokens:
-            # More target tokens than graph rows (a prefill in the batch):
-            # project the context eagerly; the graph's context rows write nothing.
+            # More target tokens than graph rows (a prefill in the batch, or
+            # K smaller than last step's): project the context eagerly; the
+            # graph's context rows write nothing.
             self.model.store_context_kv(
                 self.ctx_features[:num_ctx],
                 self.ctx_positions[:num_ctx],
@@ -303,24 +325,41 @@ class DFlashSpeculator(compat.DraftModelSpeculator):
                 max_model_len=self.max_model_len,
             )
         )
-        metadata = self._block_metadata(input_batch, reqs, tokens)
+        metadata = self._block_metadata(input_batch, reqs, q)
         by_layer = compat.build_slot_mappings_by_layer(
             self.block_tables.slot_mappings[:, :tokens], self.kv_cache_config
         )
         if desc.cg_mode == compat.CUDAGraphMode.FULL:
             self._graphs.run_fullgraph(desc)
         else:
-            self._draft(reqs, tokens, metadata, by_layer, across_dp, desc.cg_mode)
+            self._draft(reqs, q, metadata, by_layer, across_dp, desc.cg_mode)
         if not dummy_run:
             self.stats.steps += 1
             self.stats.context_tokens += num_ctx
-            self.stats.draft_tokens += num_reqs * self.num_speculative_steps
+            self.stats.draft_tokens += num_reqs * k
+            self.stats.blocks += num_reqs
+            self.stats.block_tokens += num_reqs * q
         return self.draft_tokens[:num_reqs]
 
-    def _block_metadata(self, input_batch: Any, reqs: int, tokens: int) -> Any:
+    def _copy_context_slots(self, num_ctx: int) -> None:
+        """The target tokens' slots in every draft KV-cache group -> ctx_slots."""
+        for row, gid in enumerate(self._gids):
+            self.ctx_slots[row, :num_ctx].copy_(
+                self.block_tables.slot_mappings[gid, :num_ctx]
+            )
+
+    def _store_context_eagerly(self, num_ctx: int) -> None:
+        self._copy_context_slots(num_ctx)
+        self.model.store_context_kv(
+            self.ctx_features[:num_ctx],
+            self.ctx_positions[:num_ctx],
+            self._context_slots(num_ctx),
+        )
+
+    def _block_metadata(self, input_batch: Any, reqs: int, q: int) -> Any:
         """Attention metadata of the block: Q queries per request, attending
         to the accepted context plus the whole block."""
-        num_reqs, q = input_batch.num_reqs, self.block_len
+        num_reqs, tokens = input_batch.num_reqs, reqs * q
         # Host-side upper bounds (some backends plan with them): no sync.
         upper = torch.zeros(reqs, dtype=torch.int32)
         upper[:num_reqs] = input_batch.seq_lens_cpu_upper_bound[:num_reqs] + q
@@ -347,13 +386,15 @@ class DFlashSpeculator(compat.DraftModelSpeculator):
     def _draft(
         self,
         reqs: int,
-        tokens: int,
+        q: int,
         attn_metadata: dict[str, Any] | None,
         slot_mappings: dict[str, torch.Tensor] | None,
         num_tokens_across_dp: torch.Tensor | None,
         cg_mode: Any = None,
     ) -> None:
-        """Context K/V, the block forward and greedy drafts: what a graph holds."""
+        """Context K/V, the block forward (``reqs`` blocks of ``q``) and greedy
+        drafts: what a graph holds."""
+        tokens = reqs * q
         self.model.store_context_kv(
             self.ctx_features[:tokens],
             self.ctx_positions[:tokens],
@@ -372,8 +413,9 @@ class DFlashSpeculator(compat.DraftModelSpeculator):
                 input_ids=self.input_buffers.input_ids[:tokens],
                 positions=self.input_buffers.positions[:tokens],
             )
-        k = self.num_speculative_steps
+        k = q - 1
         # [R*Q, d] -> slots 1..K of every block -> [R*K, d]
-        rows = hidden.view(reqs, self.block_len, -1)[:, 1:].reshape(reqs * k, -1)
+        rows = hidden.view(reqs, q, -1)[:, 1:].reshape(reqs * k, -1)
         drafts = self._greedy_sample_draft(rows)
-        self.draft_tokens[:reqs].copy_(drafts.view(reqs, k))
+        # Columns >= K keep stale drafts: the scheduler verifies K of them.
+        self.draft_tokens[:reqs, :k].copy_(drafts.view(reqs, k))

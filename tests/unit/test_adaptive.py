@@ -207,11 +207,11 @@ def test_injection_only_for_dflash_with_the_switch(
         patching.inject_adaptive_schedule(dict(spec))
 
 
-def test_drafter_graphs_are_planned_for_one_block_length() -> None:
+def test_drafter_graphs_are_planned_for_every_drafting_k() -> None:
     """vLLM plans decode graphs per scheduled K when a dynamic schedule is
-    set; the drafter's graph manager is built with the schedule hidden (its
-    block is always K_max + 1 long), and the schedule is back afterwards,
-    also when building fails."""
+    set: the drafter's manager sees every K > 0 of it (a block of K + 1 per K;
+    K 0 drafts nothing), and the full schedule is back afterwards, also when
+    building fails."""
     from types import SimpleNamespace
 
     from vllm_dflash import compat
@@ -222,13 +222,18 @@ def test_drafter_graphs_are_planned_for_one_block_length() -> None:
             num_speculative_tokens_per_batch_size=schedule
         )
     )
-    with compat.single_draft_length(config):
-        assert config.speculative_config.num_speculative_tokens_per_batch_size is None
-    assert config.speculative_config.num_speculative_tokens_per_batch_size == schedule
-    with pytest.raises(RuntimeError), compat.single_draft_length(config):
+    spec = config.speculative_config
+    with compat.drafting_lengths_only(config):
+        seen = spec.num_speculative_tokens_per_batch_size
+        assert sorted(k for _, _, k in seen) == [1, 3, 7, 15]
+    assert spec.num_speculative_tokens_per_batch_size == schedule
+    with pytest.raises(RuntimeError), compat.drafting_lengths_only(config):
         raise RuntimeError("capture failed")
-    assert config.speculative_config.num_speculative_tokens_per_batch_size == schedule
-    with compat.single_draft_length(SimpleNamespace(speculative_config=None)):
+    assert spec.num_speculative_tokens_per_batch_size == schedule
+    spec.num_speculative_tokens_per_batch_size = [(1, 1 << 20, 0)]
+    with compat.drafting_lengths_only(config):
+        assert spec.num_speculative_tokens_per_batch_size is None
+    with compat.drafting_lengths_only(SimpleNamespace(speculative_config=None)):
         pass
 
 

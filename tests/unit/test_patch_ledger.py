@@ -160,3 +160,15 @@ def test_v1_runner_builds_proposer_from_module_global(
         runner = src(RUNNER)
         assert "from vllm.v1.spec_decode.dflash import DFlashProposer" in runner
         assert "DFlashProposer(self.vllm_config, self.device, self)" in runner
+
+
+def test_v2_runner_of_0_26_does_not_pass_the_scheduled_k() -> None:
+    """patching.patch_v2_draft_length exists because vLLM 0.26's V2 runner
+    calls ``speculator.propose`` without the number of drafts the scheduler
+    verifies next; vLLM 0.32's passes it (``num_speculative_tokens=``)."""
+    path = "v1/worker/gpu/model_runner.py"
+    runner = Path(vllm_sources(FIXED, [path]), "vllm", path).read_text()
+    assert "self.speculator.propose(" in runner
+    assert "num_spec_tokens_to_schedule" not in runner
+    newer = Path(vllm_sources("0.32.0", [path]), "vllm", path).read_text()
+    assert "num_speculative_tokens=num_spec_tokens" in newer

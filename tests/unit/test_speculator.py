@@ -139,3 +139,58 @@ def test_other_v2_interfaces_are_left_alone() -> None:
     module = _module(three_args)
     patching.patch_v2_speculator(module)
     assert module.init_speculator is three_args
+
+
+def _runner_module() -> tuple[types.ModuleType, list[tuple[object, dict]]]:
+    calls: list[tuple[object, dict]] = []
+
+    class GPUModelRunner:
+        speculator: object = None
+
+        def execute_model(self, scheduler_output: object, **kwargs: object) -> str:
+            calls.append((scheduler_output, kwargs))
+            return "output"
+
+    module = types.ModuleType("fake_v2_runner")
+    module.GPUModelRunner = GPUModelRunner  # type: ignore[attr-defined]
+    return module, calls
+
+
+def test_v2_runner_tells_the_speculator_how_many_drafts_are_verified() -> None:
+    """vLLM 0.26's V2 runner does not pass the scheduled K to ``propose``; the
+    patch hands each real step's value to the speculator before the step runs
+    (dummy runs and speculators without ``set_draft_length`` are left alone)."""
+    module, calls = _runner_module()
+    patching.patch_v2_draft_length(module)
+    patching.patch_v2_draft_length(module)  # idempotent: wrapped once
+    told: list[int | None] = []
+    runner = module.GPUModelRunner()
+    runner.speculator = types.SimpleNamespace(set_draft_length=told.append)
+
+    step = types.SimpleNamespace(num_spec_tokens_to_schedule=3)
+    assert runner.execute_model(step) == "output"
+    runner.execute_model(types.SimpleNamespace(num_spec_tokens_to_schedule=0))
+    runner.execute_model(step, dummy_run=True)
+    runner.execute_model(types.SimpleNamespace())  # no dynamic-K field
+    assert told == [3, 0, None]
+    assert len(calls) == 4 and calls[2][1] == {"dummy_run": True}
+
+    runner.speculator = object()  # vLLM's own speculators
+    assert runner.execute_model(step) == "output"
+    assert told == [3, 0, None]
+
+
+@pytest.mark.parametrize(
+    ("asked", "dp_size", "drafts"),
+    [(None, 1, 15), (7, 1, 7), (0, 1, 0), (40, 1, 15), (-1, 1, 0), (3, 2, 15)],
+)
+def test_draft_length_is_what_the_scheduler_verifies(
+    asked: int | None, dp_size: int, drafts: int
+) -> None:
+    """K drafts per request next step, within 0..num_speculative_tokens; with
+    data parallelism every rank keeps the longest block (one graph shape)."""
+    from vllm_dflash.speculator import DFlashSpeculator
+
+    spec = types.SimpleNamespace(num_speculative_steps=15, dp_size=dp_size)
+    DFlashSpeculator.set_draft_length(spec, asked)  # type: ignore[arg-type]
+    assert spec._num_drafts == drafts
