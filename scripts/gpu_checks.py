@@ -14,7 +14,9 @@ speculation can legitimately part after a near-tie. So:
    the same verify numerics.
 Check 1 runs on both model runners (V2, vLLM 0.26's default for dense
 models, and V1 with ``VLLM_USE_V2_MODEL_RUNNER=0``), with a fixed K and with
-the adaptive K (``VLLM_DFLASH_ADAPTIVE_K=1``); check 2 on V2. The ``*_v1``
+the adaptive K (``VLLM_DFLASH_ADAPTIVE_K=1``), and with a schedule that
+verifies 3 of 15 drafts per step, which must draft blocks of 4 and match an
+engine whose K is 3 (same drafts, same acceptance); check 2 on V2. The ``*_v1``
 and ``*_triton_*`` jobs are what two vLLM releases can both run (0.20 has V1
 only): float32 with a TRITON_ATTN target and a FLEX_ATTENTION drafter, and the
 bf16 split on V1; ``scripts/gpu_v020.sh compare`` runs them on 0.20 and 0.26.
@@ -64,11 +66,12 @@ def engine(
         "kv_cache_memory_bytes": 2 << 30,
         **kw.pop("llm_kwargs", {}),  # type: ignore[dict-item]
     }
+    k = int(kw.pop("num_speculative_tokens", 15))  # type: ignore[call-overload]
     return run(
         EngineSpec(
             target=str(target),
             drafter=None if drafter is None else str(drafter),
-            num_speculative_tokens=15,
+            num_speculative_tokens=k,
             prompts=tiny.prompts(8, vocab=4000, min_len=4, max_len=200, seed=5),
             max_tokens=96,
             dtype=dtype,
@@ -123,6 +126,27 @@ def main(out_dir: str) -> int:
                 "env": {**v1, **adaptive},
             },
         ),
+        # K 15 verifying 3 drafts a step (a dynamic-K schedule) vs K 3.
+        "sched3_v2": (
+            drafter,
+            "float32",
+            {
+                "llm_kwargs": flex,
+                "speculative_extra": {
+                    **flex,
+                    "num_speculative_tokens_per_batch_size": [(1, 4096, 3)],
+                },
+            },
+        ),
+        "fixed3_v2": (
+            drafter,
+            "float32",
+            {
+                "llm_kwargs": flex,
+                "speculative_extra": flex,
+                "num_speculative_tokens": 3,
+            },
+        ),
         # float32 with a causal-only target backend: the drafter alone on FLEX.
         "plain32_triton_v1": (None, "float32", {"llm_kwargs": triton, "env": v1}),
         "plugin32_triton_v1": (
@@ -138,6 +162,24 @@ def main(out_dir: str) -> int:
             {**split, "speculative_extra": draft_fa, "env": v1},
         ),
         "plugin16_v2": (drafter, "bfloat16", {**split, "speculative_extra": draft_fa}),
+        # The same pair in bf16 on the reference split, where the drafter runs
+        # in FULL CUDA graphs (FLEX above runs eagerly): one graph set per K.
+        "sched3_16_v2": (
+            drafter,
+            "bfloat16",
+            {
+                **split,
+                "speculative_extra": {
+                    **draft_fa,
+                    "num_speculative_tokens_per_batch_size": [(1, 4096, 3)],
+                },
+            },
+        ),
+        "fixed3_16_v2": (
+            drafter,
+            "bfloat16",
+            {**split, "speculative_extra": draft_fa, "num_speculative_tokens": 3},
+        ),
         "native16_v2": (
             drafter,
             "bfloat16",
@@ -187,6 +229,41 @@ def main(out_dir: str) -> int:
             ok &= same
             report[f"fp32_adaptive_{runner}_identical"] = same
             report[f"fp32_adaptive_{runner}_steps_per_k"] = adaptive_run.adaptive_k
+            stats = adaptive_run.proposer_stats or {}
+            # Every block was K + 1 long (K: that step's drafts per request).
+            fits = stats.get("block_tokens") == stats.get(
+                "draft_tokens", -1
+            ) + stats.get("blocks", -1)
+            ok &= fits
+            report[f"fp32_adaptive_{runner}_blocks_k_plus_1"] = fits
+            report[f"fp32_adaptive_{runner}_proposer_stats"] = stats
+    sched, fixed = done.get("sched3_v2"), done.get("fixed3_v2")
+    if plain32 is not None and sched is not None and fixed is not None:
+        stats = sched.proposer_stats or {}
+        same = plain32.outputs == sched.outputs == fixed.outputs
+        same_drafts = all(
+            sched.metrics.get(f"vllm:spec_decode_{m}")
+            == fixed.metrics.get(f"vllm:spec_decode_{m}")
+            for m in ("num_drafts", "num_draft_tokens", "num_accepted_tokens")
+        )
+        fits = stats.get("block_tokens") == 4 * stats.get("blocks", -1) > 0
+        ok &= same and same_drafts and fits
+        report["fp32_sched3_v2_identical"] = same
+        report["fp32_sched3_v2_same_acceptance_as_k3"] = same_drafts
+        report["fp32_sched3_v2_blocks_of_4"] = fits
+        report["fp32_sched3_v2_proposer_stats"] = stats
+        report["fp32_sched3_v2_acceptance_length"] = sched.acceptance_length
+        report["fp32_fixed3_v2_acceptance_length"] = fixed.acceptance_length
+    sched16, fixed16 = done.get("sched3_16_v2"), done.get("fixed3_16_v2")
+    if sched16 is not None and fixed16 is not None:
+        # Reported, not required: bf16 verify numerics may differ by graph size.
+        report["bf16_sched3_v2_equals_fixed3"] = sched16.outputs == fixed16.outputs
+        report["bf16_sched3_v2_first_divergence_from_fixed3"] = first_divergence(
+            fixed16.outputs, sched16.outputs
+        )
+        report["bf16_sched3_v2_proposer_stats"] = sched16.proposer_stats
+        report["bf16_sched3_v2_acceptance_length"] = sched16.acceptance_length
+        report["bf16_fixed3_v2_acceptance_length"] = fixed16.acceptance_length
     plain_t, plugin_t = done.get("plain32_triton_v1"), done.get("plugin32_triton_v1")
     if plain_t is not None and plugin_t is not None:
         same = plain_t.outputs == plugin_t.outputs

@@ -64,7 +64,7 @@ case "$1" in
     GPU_TRAIN_BENCH_AFTER="$WORK/correctness.done" bash scripts/gpu_train.sh \
       > "$OUT/train.out" 2>&1 &
     train=$!
-    GPU_CHECKS_ONLY=${GPU_CHECKS_ONLY:-plain32,plugin32_v2,adaptive32_v2,adaptive32_v1} \
+    GPU_CHECKS_ONLY=${GPU_CHECKS_ONLY:-plain32,plugin32_v2,adaptive32_v2,adaptive32_v1,sched3_v2,fixed3_v2} \
       bash scripts/gpu_session.sh checks 420 > "$OUT/checks.out" 2>&1 &
     bash scripts/gpu_session.sh capture gemma3 > "$OUT/capture.out" 2>&1 &
     if [ -d /tmp/site-prev ]; then
