@@ -40,8 +40,11 @@ else
     timeout 60 "$PY" -m pip install --no-deps --no-build-isolation -q -e . \
       > "$OUT/pip.log" 2>&1
   BUILD=()
-  TRAIN=(--device cuda --tf32 --num-layers 5 --steps 1500 --lr 1e-3 --num-prompts 1024
-    --new-tokens 192 --prompt-len 2,64 --eval-every 500
+  # GPU_TRAIN_PROMPTS x GPU_TRAIN_NEW_TOKENS: the training text (docs/training.md
+  # on why more, shorter continuations may generalise better).
+  TRAIN=(--device cuda --tf32 --num-layers 5 --steps 1500 --lr 1e-3
+    --num-prompts "${GPU_TRAIN_PROMPTS:-1024}" --new-tokens "${GPU_TRAIN_NEW_TOKENS:-192}"
+    --prompt-len 2,64 --eval-every 500
     --time-limit "${GPU_TRAIN_SECONDS:-120}")
   BENCH=(--modes "${GPU_TRAIN_MODES:-none,native,plugin}" --batch-sizes 1,8
     --prompt-len 128 --output-len 256)
