@@ -160,37 +160,72 @@ class AcceptanceEstimate:
 @dataclass
 class StepCost:
     """Decode-step seconds per token bin of the verify pass (``batch x (1 +
-    K)`` tokens), apart for steps with drafts and without (K = 0: the V1 runner
-    skips the drafter then): the median of the last WINDOW samples. The first
-    step of a bin is not a sample: a shape's first run pays one-off costs
-    (oneDNN primitive creation on CPU, Triton autotuning) that can be ten times
-    a step, and would make that K look hopeless."""
+    K)`` tokens), apart for steps with drafts and without (K = 0: nothing is
+    drafted then).
+
+    A bin's estimate is the median of its last WINDOW samples, capped by the
+    estimate of every bin over more tokens (a step never costs more for
+    fewer tokens; steps with drafts cap steps without, not the reverse).
+    Step-time noise is one-sided (a JIT compile, a host hiccup, a neighbour
+    on the GPU): an outlier makes a bin look dearer, never cheaper, and
+    since an unmeasured bin is bounded below by the dearest bin under it
+    (``lower_bound``), one slow small bin would otherwise hide every larger
+    K (seen on the H200: a 2-sample bin at 45 tokens read 14.9 ms beside
+    6.9 ms at 64, and K 15 at batch 8 was never tried).
+
+    The first step of a bin is not a sample: a shape's first run pays
+    one-off costs (oneDNN primitive creation on CPU, Triton autotuning and
+    JIT) that can be ten times a step, and would make that K look hopeless.
+    """
 
     seen: Counter[tuple[int, bool]] = field(default_factory=Counter)
     recent: dict[tuple[int, bool], deque[float]] = field(default_factory=dict)
+    # The capped estimates, rebuilt after a new sample (the scheduler asks
+    # for them several times per step; samples arrive at most once per step).
+    _table: dict[tuple[int, bool], float] | None = None
 
     def observe(self, num_tokens: int, drafting: bool, seconds: float) -> None:
         key = (token_bin(num_tokens), drafting)
         self.seen[key] += 1
         if self.seen[key] > 1:
             self.recent.setdefault(key, deque(maxlen=WINDOW)).append(seconds)
+            self._table = None
+
+    def _estimates(self) -> dict[tuple[int, bool], float]:
+        """Every measured bin's median capped by the bins above it."""
+        if self._table is not None:
+            return self._table
+        medians = {key: statistics.median(v) for key, v in self.recent.items() if v}
+        table: dict[tuple[int, bool], float] = {}
+        # From the largest bin down, the cheapest step seen so far over at
+        # least as many tokens: with drafts (caps bins with drafts) and any.
+        with_drafts = any_step = math.inf
+        for b in sorted({b for b, _ in medians}, reverse=True):
+            if (b, True) in medians:
+                with_drafts = min(with_drafts, medians[(b, True)])
+                table[(b, True)] = with_drafts
+                any_step = min(any_step, with_drafts)
+            if (b, False) in medians:
+                any_step = min(any_step, medians[(b, False)])
+                table[(b, False)] = any_step
+        self._table = table
+        return table
 
     def estimate(self, num_tokens: int, drafting: bool) -> float | None:
-        samples = self.recent.get((token_bin(num_tokens), drafting))
-        return statistics.median(samples) if samples else None
+        return self._estimates().get((token_bin(num_tokens), drafting))
 
     def count(self, num_tokens: int, drafting: bool) -> int:
         return len(self.recent.get((token_bin(num_tokens), drafting), ()))
 
     def lower_bound(self, num_tokens: int, drafting: bool) -> float | None:
-        """A floor for a step over ``num_tokens``: the dearest measured step
-        over no more tokens (cost does not fall as tokens grow), counting
-        steps with drafts only as floors for steps with drafts."""
+        """A floor for a step over ``num_tokens``: the dearest (capped)
+        estimate over no more tokens (cost does not fall as tokens grow),
+        counting steps with drafts only as floors for steps with drafts."""
         key = token_bin(num_tokens)
         below = [
-            statistics.median(v)
-            for (b, d), v in self.recent.items()
-            if v and b <= key and (drafting or not d)
+            m
+            for (b, d), m in self._estimates().items()
+            if b <= key and (drafting or not d)
         ]
         return max(below) if below else None
 
@@ -319,10 +354,16 @@ class AdaptiveDraftLength:
     def snapshot(self) -> dict[str, Any]:
         """What the policy has decided and measured so far (JSON-ready), for
         the benchmark and for debugging a choice: steps per K (all batch
-        sizes), the median step time per (verify-token bin, drafting) in ms
-        with its sample count, and the conditional acceptance per position."""
+        sizes, and per batch bucket), the median step time per (verify-token
+        bin, drafting) in ms with its sample count, and the conditional
+        acceptance per position."""
         return {
             "steps_per_k": {str(k): n for k, n in self.steps_per_k().items()},
+            # "b8/K7": steps of batch bucket 8 (batches 5..8) that chose K 7.
+            "steps_per_batch_k": {
+                f"b{bucket}/K{k}": n
+                for (bucket, k), n in sorted(self.decisions.items())
+            },
             "step_ms": {
                 f"{2 ** (b / 2):.0f}{'+draft' if d else ''}": [
                     round(1e3 * statistics.median(v), 3),

@@ -384,13 +384,16 @@ def _timed_generate(llm: Any, prompts: Any, params: Any) -> tuple[int, float]:
 def _policy_delta(
     before: dict[str, Any] | None, after: dict[str, Any] | None
 ) -> dict[str, Any] | None:
-    """The policy's snapshot after a timed run, its steps per K counted over
-    that run only."""
+    """The policy's snapshot after a timed run, its step counts (per K, per
+    batch bucket and K) counted over that run only."""
     if after is None:
         return None
-    old = (before or {}).get("steps_per_k", {})
-    steps = {k: n - old.get(k, 0) for k, n in after["steps_per_k"].items()}
-    return {**after, "steps_per_k": {k: n for k, n in steps.items() if n}}
+    delta = dict(after)
+    for name in ("steps_per_k", "steps_per_batch_k"):
+        old = (before or {}).get(name, {})
+        steps = {k: n - old.get(k, 0) for k, n in after.get(name, {}).items()}
+        delta[name] = {k: n for k, n in steps.items() if n}
+    return delta
 
 
 def _memory_utilization() -> float:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections import deque
 
 import pytest
 
@@ -267,6 +268,8 @@ def test_snapshot_reports_decisions_costs_and_acceptance() -> None:
         )
     snap = policy.snapshot()
     assert sum(snap["steps_per_k"].values()) == 4
+    assert sum(snap["steps_per_batch_k"].values()) == 4
+    assert {key.split("/")[0] for key in snap["steps_per_batch_k"]} == {"b4"}
     assert set(snap["steps_per_k"]) <= {"0", "1", "3", "7"}
     assert len(snap["conditional_acceptance"]) == 7
     for ms, n in snap["step_ms"].values():
@@ -277,8 +280,63 @@ def test_snapshot_reports_decisions_costs_and_acceptance() -> None:
 def test_policy_delta_counts_only_the_timed_run() -> None:
     from vllm_dflash.bench import _policy_delta
 
-    before = {"steps_per_k": {"0": 3, "3": 5}}
-    after = {"steps_per_k": {"0": 3, "3": 9, "7": 2}, "step_ms": {}}
-    assert _policy_delta(before, after)["steps_per_k"] == {"3": 4, "7": 2}
+    before = {"steps_per_k": {"0": 3, "3": 5}, "steps_per_batch_k": {"b8/K3": 5}}
+    after = {
+        "steps_per_k": {"0": 3, "3": 9, "7": 2},
+        "steps_per_batch_k": {"b8/K3": 6, "b16/K3": 3, "b16/K7": 2},
+        "step_ms": {},
+    }
+    delta = _policy_delta(before, after)
+    assert delta is not None
+    assert delta["steps_per_k"] == {"3": 4, "7": 2}
+    assert delta["steps_per_batch_k"] == {"b8/K3": 1, "b16/K3": 3, "b16/K7": 2}
     assert _policy_delta(None, after)["steps_per_k"] == after["steps_per_k"]
     assert _policy_delta(None, None) is None
+
+
+# The policy's table at batch 8 on the H200 (Qwen3-8B shape, decaying
+# acceptance; docs/benchmarks/qwen3-8b-h200-adaptive-decay.json): step ms and
+# sample count per verify-token bin, and the conditional acceptance.
+H200_QWEN_B8_STEP_MS = {
+    "1": (7.021, 3),
+    "2": (6.46, 3),
+    "2+draft": (6.577, 4),
+    "3": (5.748, 3),
+    "4": (5.198, 3),
+    "4+draft": (6.487, 5),
+    "6": (9.747, 3),
+    "8": (6.621, 3),
+    "8+draft": (7.931, 3),
+    "11+draft": (5.027, 3),
+    "16+draft": (6.61, 8),
+    "32+draft": (5.941, 6),
+    "45+draft": (14.924, 2),
+    "64+draft": (6.926, 8),
+}
+H200_QWEN_B8_ACCEPTANCE = [
+    0.745, 0.831, 0.796, 0.815, 0.816, 0.767, 0.752, 0.808,
+    0.806, 0.69, 0.765, 0.806, 0.8, 0.757, 0.776,
+]  # fmt: skip
+
+
+def test_a_slow_small_bin_does_not_hide_a_larger_k() -> None:
+    """On the H200 one slow bin (45 tokens: 14.9 ms, two samples) sat under
+    cheaper bigger ones (64 tokens: 6.9 ms). As the floor of every unmeasured
+    bigger step it made K 15 at batch 8 look slower than K 7, so K 15 (the
+    best fixed K there: 4133 vs 3851 tok/s) was never tried. Capped by the
+    bins above it, the slow bin no longer rules K 15 out."""
+    policy = AdaptiveDraftLength(15)
+    for label, (ms, n) in H200_QWEN_B8_STEP_MS.items():
+        tokens = int(label.removesuffix("+draft"))
+        key = (adaptive.token_bin(tokens), label.endswith("+draft"))
+        policy.cost.recent[key] = deque([ms / 1e3] * n)
+    policy.acceptance.tried = [1e6] * 15
+    policy.acceptance.accepted = [r * 1e6 for r in H200_QWEN_B8_ACCEPTANCE]
+    assert policy.cost.estimate(45, drafting=True) == pytest.approx(6.926e-3)
+    assert policy.cost.lower_bound(128, drafting=True) == pytest.approx(6.926e-3)
+    assert policy.choose(8) == 15  # explored: it may win
+    # Bins without drafts are capped by dearer steps with drafts too, and
+    # never cap them.
+    assert policy.cost.estimate(6, drafting=False) == pytest.approx(5.027e-3)
+    assert policy.cost.estimate(8, drafting=True) == pytest.approx(5.027e-3)
+    assert policy.cost.estimate(2, drafting=True) == pytest.approx(5.027e-3)
