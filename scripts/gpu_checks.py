@@ -213,18 +213,17 @@ def main(out_dir: str) -> int:
     plain32 = done.get("plain32")
     for runner in ("v1", "v2"):
         plugin = done.get(f"plugin32_{runner}")
-        if plain32 is None or plugin is None:
-            continue
-        same = plain32.outputs == plugin.outputs
-        ok &= same
-        report[f"fp32_flex_{runner}_identical"] = same
-        report[f"fp32_flex_{runner}_first_divergence"] = first_divergence(
-            plain32.outputs, plugin.outputs
-        )
-        report[f"fp32_{runner}_plugin_class"] = plugin.drafter_class
-        report[f"fp32_{runner}_acceptance_length"] = plugin.acceptance_length
+        if plain32 is not None and plugin is not None:
+            same = plain32.outputs == plugin.outputs
+            ok &= same
+            report[f"fp32_flex_{runner}_identical"] = same
+            report[f"fp32_flex_{runner}_first_divergence"] = first_divergence(
+                plain32.outputs, plugin.outputs
+            )
+            report[f"fp32_{runner}_plugin_class"] = plugin.drafter_class
+            report[f"fp32_{runner}_acceptance_length"] = plugin.acceptance_length
         adaptive_run = done.get(f"adaptive32_{runner}")
-        if adaptive_run is not None:
+        if plain32 is not None and adaptive_run is not None:
             same = plain32.outputs == adaptive_run.outputs
             ok &= same
             report[f"fp32_adaptive_{runner}_identical"] = same
