@@ -165,7 +165,8 @@ class StepCost:
 
     A bin's estimate is the median of its last WINDOW samples, capped by the
     estimate of every bin over more tokens (a step never costs more for
-    fewer tokens; steps with drafts cap steps without, not the reverse).
+    fewer tokens; steps with drafts cap steps without, not the reverse) and
+    by linear growth from the bins over fewer tokens (``_cap_by_linear_growth``).
     Step-time noise is one-sided (a JIT compile, a host hiccup, a neighbour
     on the GPU): an outlier makes a bin look dearer, never cheaper, and
     since an unmeasured bin is bounded below by the dearest bin under it
@@ -192,24 +193,14 @@ class StepCost:
             self._table = None
 
     def _estimates(self) -> dict[tuple[int, bool], float]:
-        """Every measured bin's median capped by the bins above it."""
-        if self._table is not None:
-            return self._table
-        medians = {key: statistics.median(v) for key, v in self.recent.items() if v}
-        table: dict[tuple[int, bool], float] = {}
-        # From the largest bin down, the cheapest step seen so far over at
-        # least as many tokens: with drafts (caps bins with drafts) and any.
-        with_drafts = any_step = math.inf
-        for b in sorted({b for b, _ in medians}, reverse=True):
-            if (b, True) in medians:
-                with_drafts = min(with_drafts, medians[(b, True)])
-                table[(b, True)] = with_drafts
-                any_step = min(any_step, with_drafts)
-            if (b, False) in medians:
-                any_step = min(any_step, medians[(b, False)])
-                table[(b, False)] = any_step
-        self._table = table
-        return table
+        """Every measured bin's median, capped by the bins over more tokens
+        and by linear growth from the bins over fewer."""
+        if self._table is None:
+            medians = {k: statistics.median(v) for k, v in self.recent.items() if v}
+            self._table = _cap_from_above(
+                _cap_by_linear_growth(_cap_from_above(medians))
+            )
+        return self._table
 
     def estimate(self, num_tokens: int, drafting: bool) -> float | None:
         return self._estimates().get((token_bin(num_tokens), drafting))
@@ -228,6 +219,53 @@ class StepCost:
             if b <= key and (drafting or not d)
         ]
         return max(below) if below else None
+
+
+Costs = dict[tuple[int, bool], float]  # (token bin, with drafts) -> seconds
+
+
+def _cap_from_above(costs: Costs) -> Costs:
+    """Each bin's cost capped by the cheapest bin over at least as many
+    tokens: a step never costs more for fewer tokens. Steps with drafts cap
+    steps with and without drafts; steps without cap only steps without."""
+    table: Costs = {}
+    with_drafts = any_step = math.inf
+    for b in sorted({b for b, _ in costs}, reverse=True):
+        if (b, True) in costs:
+            with_drafts = min(with_drafts, costs[(b, True)])
+            table[(b, True)] = with_drafts
+            any_step = min(any_step, with_drafts)
+        if (b, False) in costs:
+            any_step = min(any_step, costs[(b, False)])
+            table[(b, False)] = any_step
+    return table
+
+
+# A bin holds token counts within a factor 2 ** 0.25 of its centre, so two
+# bins' true token ratio is within a factor sqrt(2) of their centres' ratio.
+_BIN_SLACK = math.sqrt(2.0)
+
+
+def _cap_by_linear_growth(costs: Costs) -> Costs:
+    """Each bin's cost capped by the bins over fewer tokens, scaled by the
+    token ratio: a step over m times the tokens costs at most m times as
+    much (the work per token does not grow at these context lengths), which
+    bounds a slow sample at the top of the measured range. Same rule as
+    ``_cap_from_above`` for which steps bound which."""
+    table: Costs = {}
+    with_drafts = any_step = math.inf  # cheapest seconds per token below
+    for b in sorted({b for b, _ in costs}):
+        tokens = 2 ** (b / 2)
+        if (b, True) in costs:
+            cost = min(costs[(b, True)], with_drafts * tokens * _BIN_SLACK)
+            table[(b, True)] = cost
+            with_drafts = min(with_drafts, cost / tokens)
+            any_step = min(any_step, with_drafts)
+        if (b, False) in costs:
+            cost = min(costs[(b, False)], any_step * tokens * _BIN_SLACK)
+            table[(b, False)] = cost
+            any_step = min(any_step, cost / tokens)
+    return table
 
 
 class AdaptiveDraftLength:

@@ -340,3 +340,30 @@ def test_a_slow_small_bin_does_not_hide_a_larger_k() -> None:
     assert policy.cost.estimate(6, drafting=False) == pytest.approx(5.027e-3)
     assert policy.cost.estimate(8, drafting=True) == pytest.approx(5.027e-3)
     assert policy.cost.estimate(2, drafting=True) == pytest.approx(5.027e-3)
+
+
+def test_a_slow_top_bin_is_bounded_by_linear_growth() -> None:
+    """Nothing caps the largest measured bin from above. On the H200 the
+    512-token bin read 79.7 ms (two samples) beside 14.6 ms at 256 tokens,
+    and that K was written off at batch 64. Twice the tokens cost at most
+    twice the time (with a bin's width as slack), so the bin is bounded by
+    the one below it."""
+    cost = adaptive.StepCost()
+    for tokens, drafting, ms, n in (
+        (256, True, 14.641, 8),
+        (512, True, 79.734, 2),
+        (64, False, 7.0, 3),
+        (512, False, 60.0, 3),
+    ):
+        cost.recent[(adaptive.token_bin(tokens), drafting)] = deque([ms / 1e3] * n)
+    bound = 14.641e-3 * 2 * 2**0.5
+    assert cost.estimate(512, drafting=True) == pytest.approx(bound)
+    # 60 ms without drafts: bounded by 8 x the 64-token bin (79 ms) and,
+    # tighter, by the same bin with drafts.
+    assert cost.estimate(512, drafting=False) == pytest.approx(bound)
+    assert cost.estimate(64, drafting=False) == pytest.approx(7.0e-3)
+    assert cost.estimate(256, drafting=True) == pytest.approx(14.641e-3)
+    # Medians at or under the bound stay as measured.
+    cost.recent[(adaptive.token_bin(512), True)] = deque([0.02] * 3)
+    cost._table = None
+    assert cost.estimate(512, drafting=True) == pytest.approx(0.02)
