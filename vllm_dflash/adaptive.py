@@ -183,7 +183,9 @@ class StepCost:
     recent: dict[tuple[int, bool], deque[float]] = field(default_factory=dict)
     # The capped estimates, rebuilt after a new sample (the scheduler asks
     # for them several times per step; samples arrive at most once per step).
-    _table: dict[tuple[int, bool], float] | None = None
+    _table: dict[tuple[int, bool], float] | None = field(
+        default=None, repr=False, compare=False
+    )
 
     def observe(self, num_tokens: int, drafting: bool, seconds: float) -> None:
         key = (token_bin(num_tokens), drafting)

@@ -134,7 +134,9 @@ def patch_v2_draft_length(module: ModuleType) -> None:
         return
 
     @functools.wraps(original)
-    def execute_model(self: Any, scheduler_output: Any, *args: Any, **kwargs: Any):  # type: ignore[no-untyped-def]
+    def execute_model(
+        self: Any, scheduler_output: Any, *args: Any, **kwargs: Any
+    ) -> Any:
         set_length = getattr(
             getattr(self, "speculator", None), "set_draft_length", None
         )
