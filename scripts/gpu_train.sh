@@ -39,7 +39,8 @@ else
   "$PY" -c 'import importlib.metadata as m; m.distribution("vllm-dflash")' 2>/dev/null ||
     timeout 60 "$PY" -m pip install --no-deps --no-build-isolation -q -e . \
       > "$OUT/pip.log" 2>&1
-  BUILD=()
+  # The toy language's vocabulary (scripts/gpu_train_check.py says why 4096).
+  BUILD=(--vocab "${GPU_TRAIN_VOCAB:-4096}")
   # GPU_TRAIN_PROMPTS x GPU_TRAIN_NEW_TOKENS: the training text (docs/training.md
   # on why more, shorter continuations may generalise better).
   TRAIN=(--device cuda --tf32 --num-layers 5 --steps 1500 --lr 1e-3
