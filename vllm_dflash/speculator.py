@@ -265,6 +265,7 @@ class DFlashSpeculator(compat.DraftModelSpeculator):
         if k == 0:
             # Nothing is verified next step: only the context K/V, which
             # later blocks attend to.
+            self._copy_context_slots(num_ctx)
             self._store_context_eagerly(num_ctx)
             self.stats.context_tokens += num_ctx
             return self.draft_tokens[:num_reqs]
@@ -289,11 +290,7 @@ class DFlashSpeculator(compat.DraftModelSpeculator):
             # More target tokens than graph rows (a prefill in the batch, or
             # K smaller than last step's): project the context eagerly; the
             # graph's context rows write nothing.
-            self.model.store_context_kv(
-                self.ctx_features[:num_ctx],
-                self.ctx_positions[:num_ctx],
-                self._context_slots(num_ctx),
-            )
+            self._store_context_eagerly(num_ctx)
             self.ctx_slots[:, :tokens].fill_(PAD_SLOT)
         else:
             self.ctx_slots[:, num_ctx:tokens].fill_(PAD_SLOT)
@@ -349,7 +346,8 @@ class DFlashSpeculator(compat.DraftModelSpeculator):
             )
 
     def _store_context_eagerly(self, num_ctx: int) -> None:
-        self._copy_context_slots(num_ctx)
+        """Context K/V of the first ``num_ctx`` target tokens at the slots
+        already in ``ctx_slots``, outside any graph."""
         self.model.store_context_kv(
             self.ctx_features[:num_ctx],
             self.ctx_positions[:num_ctx],
