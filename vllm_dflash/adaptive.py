@@ -16,17 +16,19 @@ maximise expected output tokens per second:
   (``AcceptanceEstimate``), counted from every verified request with
   exponential forgetting toward a prior, so positions the policy stopped
   verifying drift back to the prior and get tried again.
-- ``T(b, K)`` is the measured wall time of a decode step whose verify pass
-  read about ``b x (1 + K)`` tokens (``StepCost``, bins on a sqrt(2) grid):
-  the time between consecutive outputs of the engine, which in steady state
-  is one step of target verify + drafting + host work (steps that switch K
-  are not samples: they draft for the other K). A bin is measured
-  (``min_samples`` steps) before it is trusted, from K = 0 up and only while
-  the K could still win (a bigger pass never costs less than a smaller one);
-  bins are shared across batch sizes (steps without drafts are kept apart:
-  the V1 runner skips the drafter then), so this is a handful of steps per
-  engine. The best choice's neighbours are re-measured every
-  ``refresh_every`` decisions of a batch bucket.
+- ``T(b, K)`` is the measured wall time of a decode step at batch ``b``
+  with K drafts per request (``StepCost``, keyed by batch on a sqrt(2) grid
+  and by K itself): the time between consecutive outputs of the engine,
+  which in steady state is one step of target verify + drafting + host work
+  (steps that switch K are not samples: they draft for the other K). Each
+  batch bucket measures its candidates (``min_samples`` steps, from K = 0
+  up, skipping a K whose floor already rules it out), then re-measures the
+  best choice's neighbours every ``refresh_every`` decisions. Costs are
+  not shared across batch sizes or K through a token count: the same number
+  of verified tokens costs different times at different batch sizes
+  (attention reads every request's context; the drafter's context grows
+  with the batch), and on the H200 one 256-token bin shared by batch 32 K 7
+  and batch 64 K 3 read 9.4 ms in one run and 14.6 ms in another.
 
 K = 0 (no drafting) is a candidate, so at a load where drafts cannot pay
 the policy stops verifying them (the engine's DFlash bookkeeping, hidden-state
@@ -50,15 +52,15 @@ from typing import Any
 
 from vllm_dflash.log import get_logger
 
-# A token bin is measured this many times before the policy trusts it, and
-# the best choice's neighbours are re-measured every REFRESH_EVERY decisions
-# of a batch bucket.
-MIN_SAMPLES = 2
+# Every (batch bucket, K) is measured this many times before the policy
+# trusts its table, and the best choice's neighbours are re-measured every
+# REFRESH_EVERY decisions of a batch bucket.
+MIN_SAMPLES = 3
 REFRESH_EVERY = 128
 # Consecutive steps of a re-measurement: the first drafts for the new K while
 # verifying the old one, so it is no sample; the next two are.
 REFRESH_STEPS = 3
-# A bin's cost is the median of its last WINDOW samples.
+# A key's cost is the median of its last WINDOW samples.
 WINDOW = 8
 # Steps whose outputs arrive further apart than this were not back to back
 # (the engine idled): their interval says nothing about the step's cost.
@@ -90,18 +92,10 @@ def capture_schedule(k_max: int) -> list[tuple[int, int, int]]:
 
 
 def batch_bucket(batch: int) -> int:
-    """Batch sizes 1..4 are their own bucket; larger ones round up to a power
-    of two (for the decision statistics and re-measurement cadence)."""
-    if batch <= 4:
-        return max(batch, 1)
-    return 1 << (batch - 1).bit_length()
-
-
-def token_bin(num_tokens: int) -> int:
-    """Bins of the verify pass's token count on a sqrt(2) grid: a step's cost
-    depends mostly on how many tokens the target reads, so batch 1 at K 15
-    and batch 8 at K 1 share what was measured."""
-    return round(2 * math.log2(max(num_tokens, 1)))
+    """The batch size's bucket on a sqrt(2) grid (1, 2, 3, 4, 6, 8, 11, 16,
+    23, 32, 45, 64, ...), named by its centre: batches within about 19% of
+    each other share decision statistics and step costs."""
+    return round(2 ** (round(2 * math.log2(max(batch, 1))) / 2))
 
 
 @dataclass
@@ -157,116 +151,94 @@ class AcceptanceEstimate:
         return total
 
 
+Key = tuple[int, int]  # (batch bucket, K)
+
+
 @dataclass
 class StepCost:
-    """Decode-step seconds per token bin of the verify pass (``batch x (1 +
-    K)`` tokens), apart for steps with drafts and without (K = 0: nothing is
-    drafted then).
+    """Decode-step seconds per (batch bucket, K).
 
-    A bin's estimate is the median of its last WINDOW samples, capped by the
-    estimate of every bin over more tokens (a step never costs more for
-    fewer tokens; steps with drafts cap steps without, not the reverse) and
-    by linear growth from the bins over fewer tokens (``_cap_by_linear_growth``).
-    Step-time noise is one-sided (a JIT compile, a host hiccup, a neighbour
-    on the GPU): an outlier makes a bin look dearer, never cheaper, and
-    since an unmeasured bin is bounded below by the dearest bin under it
-    (``lower_bound``), one slow small bin would otherwise hide every larger
-    K (seen on the H200: a 2-sample bin at 45 tokens read 14.9 ms beside
-    6.9 ms at 64, and K 15 at batch 8 was never tried).
+    A key's estimate is the median of its last WINDOW samples, then capped
+    (``_capped``): a step never costs more with more drafts or more requests
+    (the cheapest such step bounds it), nor more than in proportion to the
+    verified tokens from a smaller K with drafts. Step-time noise is
+    one-sided (a JIT compile, a host hiccup, a neighbour on the GPU): an
+    outlier makes a key look dearer, never cheaper, and the caps bound it by
+    what was measured around it.
 
-    The first step of a bin is not a sample: a shape's first run pays
+    The first step of a key is not a sample: a shape's first run pays
     one-off costs (oneDNN primitive creation on CPU, Triton autotuning and
     JIT) that can be ten times a step, and would make that K look hopeless.
     """
 
-    seen: Counter[tuple[int, bool]] = field(default_factory=Counter)
-    recent: dict[tuple[int, bool], deque[float]] = field(default_factory=dict)
+    seen: Counter[Key] = field(default_factory=Counter)
+    recent: dict[Key, deque[float]] = field(default_factory=dict)
     # The capped estimates, rebuilt after a new sample (the scheduler asks
     # for them several times per step; samples arrive at most once per step).
-    _table: dict[tuple[int, bool], float] | None = field(
-        default=None, repr=False, compare=False
-    )
+    _table: dict[Key, float] | None = field(default=None, repr=False, compare=False)
 
-    def observe(self, num_tokens: int, drafting: bool, seconds: float) -> None:
-        key = (token_bin(num_tokens), drafting)
+    def observe(self, batch: int, k: int, seconds: float) -> None:
+        key = (batch_bucket(batch), k)
         self.seen[key] += 1
         if self.seen[key] > 1:
             self.recent.setdefault(key, deque(maxlen=WINDOW)).append(seconds)
             self._table = None
 
-    def _estimates(self) -> dict[tuple[int, bool], float]:
-        """Every measured bin's median, capped by the bins over more tokens
-        and by linear growth from the bins over fewer."""
+    def _estimates(self) -> dict[Key, float]:
         if self._table is None:
-            medians = {k: statistics.median(v) for k, v in self.recent.items() if v}
-            self._table = _cap_from_above(
-                _cap_by_linear_growth(_cap_from_above(medians))
-            )
+            medians = {key: statistics.median(v) for key, v in self.recent.items() if v}
+            self._table = _capped(medians)
         return self._table
 
-    def estimate(self, num_tokens: int, drafting: bool) -> float | None:
-        return self._estimates().get((token_bin(num_tokens), drafting))
+    def estimate(self, batch: int, k: int) -> float | None:
+        return self._estimates().get((batch_bucket(batch), k))
 
-    def count(self, num_tokens: int, drafting: bool) -> int:
-        return len(self.recent.get((token_bin(num_tokens), drafting), ()))
+    def lower_bound(self, batch: int, k: int) -> float | None:
+        """A floor for a step with ``k`` drafts from the measured smaller K
+        (>= 1) of the batch: step time is convex in the verified tokens (flat
+        while weight reads dominate, then linear), so it grows at least at
+        the slope between the two largest of them. None where nothing with
+        drafts was measured below ``k``: K 0 skips the drafter on V1, so it
+        says nothing about the slope."""
+        bucket = batch_bucket(batch)
+        below = sorted(
+            (k2, t)
+            for (b2, k2), t in self._estimates().items()
+            if b2 == bucket and 1 <= k2 < k
+        )
+        if not below:
+            return None
+        k1, t1 = below[-1]
+        if len(below) == 1:
+            return t1
+        k0, t0 = below[-2]
+        return t1 + max(0.0, (t1 - t0) / (k1 - k0)) * (k - k1)
 
-    def lower_bound(self, num_tokens: int, drafting: bool) -> float | None:
-        """A floor for a step over ``num_tokens``: the dearest (capped)
-        estimate over no more tokens (cost does not fall as tokens grow),
-        counting steps with drafts only as floors for steps with drafts."""
-        key = token_bin(num_tokens)
-        below = [
-            m
-            for (b, d), m in self._estimates().items()
-            if b <= key and (drafting or not d)
-        ]
-        return max(below) if below else None
-
-
-Costs = dict[tuple[int, bool], float]  # (token bin, with drafts) -> seconds
-
-
-def _cap_from_above(costs: Costs) -> Costs:
-    """Each bin's cost capped by the cheapest bin over at least as many
-    tokens: a step never costs more for fewer tokens. Steps with drafts cap
-    steps with and without drafts; steps without cap only steps without."""
-    table: Costs = {}
-    with_drafts = any_step = math.inf
-    for b in sorted({b for b, _ in costs}, reverse=True):
-        if (b, True) in costs:
-            with_drafts = min(with_drafts, costs[(b, True)])
-            table[(b, True)] = with_drafts
-            any_step = min(any_step, with_drafts)
-        if (b, False) in costs:
-            any_step = min(any_step, costs[(b, False)])
-            table[(b, False)] = any_step
-    return table
+    def count(self, batch: int, k: int) -> int:
+        return len(self.recent.get((batch_bucket(batch), k), ()))
 
 
-# A bin holds token counts within a factor 2 ** 0.25 of its centre, so two
-# bins' true token ratio is within a factor sqrt(2) of their centres' ratio.
-_BIN_SLACK = math.sqrt(2.0)
+def _capped(medians: dict[Key, float]) -> dict[Key, float]:
+    """Each key's median capped by
 
-
-def _cap_by_linear_growth(costs: Costs) -> Costs:
-    """Each bin's cost capped by the bins over fewer tokens, scaled by the
-    token ratio: a step over m times the tokens costs at most m times as
-    much (the work per token does not grow at these context lengths), which
-    bounds a slow sample at the top of the measured range. Same rule as
-    ``_cap_from_above`` for which steps bound which."""
-    table: Costs = {}
-    with_drafts = any_step = math.inf  # cheapest seconds per token below
-    for b in sorted({b for b, _ in costs}):
-        tokens = 2 ** (b / 2)
-        if (b, True) in costs:
-            cost = min(costs[(b, True)], with_drafts * tokens * _BIN_SLACK)
-            table[(b, True)] = cost
-            with_drafts = min(with_drafts, cost / tokens)
-            any_step = min(any_step, with_drafts)
-        if (b, False) in costs:
-            cost = min(costs[(b, False)], any_step * tokens * _BIN_SLACK)
-            table[(b, False)] = cost
-            any_step = min(any_step, cost / tokens)
+    - every key with at least as many requests and drafts (a step never
+      costs less for more work; a K 0 step is capped by steps with drafts
+      too: on the V1 runner it skips the drafter, and on V2, where it still
+      writes the drafter's context and can read slower than K 1, K 1 beats it
+      anyway), and
+    - the same batch with fewer drafts (K' >= 1), scaled by the verified
+      tokens ``(1 + K) / (1 + K')``: the work per token does not grow with K.
+    """
+    table: dict[Key, float] = {}
+    for b, k in medians:
+        table[(b, k)] = min(
+            [m for (b2, k2), m in medians.items() if b2 >= b and k2 >= k]
+            + [
+                m * (1 + k) / (1 + k2)
+                for (b2, k2), m in medians.items()
+                if b2 == b and 1 <= k2 < k
+            ]
+        )
     return table
 
 
@@ -309,28 +281,30 @@ class AdaptiveDraftLength:
     def choose(self, batch: int) -> int:
         """The K with the highest expected throughput at this batch size.
 
-        Unmeasured choices are tried (``min_samples`` steps) only while they
-        could still win: a verify pass over more tokens never costs less than
-        the most expensive measured pass over fewer, which bounds what an
-        unmeasured K can reach. Choices are visited from K = 0 up, so the
-        costly large-K passes are tried only where they might pay.
+        A batch bucket measures its candidates (``min_samples`` steps each)
+        from K = 0 up, each only while it could still win: its expected
+        tokens over the floor of its step time (``StepCost.lower_bound``)
+        must beat the best measured K. Once measured, the bucket runs the best
+        K and re-measures a neighbour of it for a few steps every
+        ``refresh_every`` decisions, so the table follows costs that drift
+        (longer contexts, another tenant on the GPU) and a K ruled out by a
+        floor gets measured once its neighbour is best.
         """
         best_k, best = 0, -1.0
         for k in self.ks:
-            num_tokens = batch * (1 + k)
-            if self.cost.count(num_tokens, k > 0) >= self.min_samples:
+            if self.cost.count(batch, k) >= self.min_samples:
                 rate = self.throughput(batch, k)
                 if rate > best:
                     best_k, best = k, rate
                 continue
-            floor = self.cost.lower_bound(num_tokens, k > 0)
+            floor = self.cost.lower_bound(batch, k)
             gain = batch * (1.0 + self.acceptance.expected_accepted(k))
             if floor is None or gain / floor > best:
                 return k
         bucket = batch_bucket(batch)
         self._per_bucket[bucket] += 1
         n = self._per_bucket[bucket]
-        if n % self.refresh_every < REFRESH_STEPS:
+        if n >= self.refresh_every and n % self.refresh_every < REFRESH_STEPS:
             # Re-measure a neighbour of the best, alternating below and above,
             # for long enough to get steady-state samples.
             i = self.ks.index(best_k)
@@ -341,7 +315,7 @@ class AdaptiveDraftLength:
 
     def throughput(self, batch: int, k: int) -> float:
         """Expected output tokens per second at this batch with K = k."""
-        seconds = self.cost.estimate(batch * (1 + k), k > 0)
+        seconds = self.cost.estimate(batch, k)
         if seconds is None or seconds <= 0:
             return 0.0
         return batch * (1.0 + self.acceptance.expected_accepted(k)) / seconds
@@ -382,7 +356,7 @@ class AdaptiveDraftLength:
             return
         if any(n != 1 + k for n in num_scheduled_tokens.values()):
             return  # a prefill or a request clipped at max_model_len
-        self.cost.observe(len(num_scheduled_tokens) * (1 + k), k > 0, seconds)
+        self.cost.observe(len(num_scheduled_tokens), k, seconds)
 
     def steps_per_k(self) -> dict[int, int]:
         """How many steps each K was chosen for, over all batch sizes."""
@@ -394,22 +368,20 @@ class AdaptiveDraftLength:
     def snapshot(self) -> dict[str, Any]:
         """What the policy has decided and measured so far (JSON-ready), for
         the benchmark and for debugging a choice: steps per K (all batch
-        sizes, and per batch bucket), the median step time per (verify-token
-        bin, drafting) in ms with its sample count, and the conditional
-        acceptance per position."""
+        sizes, and per batch bucket), the median step time per (batch bucket,
+        K) in ms with its sample count, and the conditional acceptance per
+        position."""
         return {
             "steps_per_k": {str(k): n for k, n in self.steps_per_k().items()},
-            # "b8/K7": steps of batch bucket 8 (batches 5..8) that chose K 7.
+            # "b8/K7": steps of batch bucket 8 (batches 7..9) that chose K 7.
             "steps_per_batch_k": {
                 f"b{bucket}/K{k}": n
                 for (bucket, k), n in sorted(self.decisions.items())
             },
+            # "b8/K7": median ms of batch bucket 8's K 7 steps, sample count.
             "step_ms": {
-                f"{2 ** (b / 2):.0f}{'+draft' if d else ''}": [
-                    round(1e3 * statistics.median(v), 3),
-                    len(v),
-                ]
-                for (b, d), v in sorted(self.cost.recent.items())
+                f"b{bucket}/K{k}": [round(1e3 * statistics.median(v), 3), len(v)]
+                for (bucket, k), v in sorted(self.cost.recent.items())
                 if v
             },
             "conditional_acceptance": [
@@ -423,7 +395,7 @@ class AdaptiveDraftLength:
         for (bucket, k), n in self.decisions.items():
             by_bucket.setdefault(bucket, Counter())[k] += n
         parts = [
-            f"batch<={b}: K {c.most_common(1)[0][0]} ({sum(c.values())} steps)"
+            f"batch~{b}: K {c.most_common(1)[0][0]} ({sum(c.values())} steps)"
             for b, c in sorted(by_bucket.items())
         ]
         rates = ", ".join(f"{r:.2f}" for r in self.acceptance.conditional()[:8])

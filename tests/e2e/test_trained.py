@@ -218,8 +218,8 @@ def test_adaptive_k_is_lossless_and_varies_k(
     trained: tiny.TrainedPair, prompts: list[list[int]], baseline: EngineResult
 ) -> None:
     """``VLLM_DFLASH_ADAPTIVE_K=1``: the scheduler asks the plugin's policy
-    for K each step. It tries several K (0 included: the first choice for a
-    new token bin), settles on what the measurements favour, and the greedy
+    for K each step. It tries several K (0 included: the first choice at a
+    new batch size), settles on what the measurements favour, and the greedy
     output is still plain decoding's, whatever K each step verified."""
     result = with_drafter(trained, prompts, env={"VLLM_DFLASH_ADAPTIVE_K": "1"})
     assert result.outputs == baseline.outputs

@@ -156,11 +156,11 @@ def test_step_output_filter() -> None:
     decode = {"a": 4, "b": 4}
     drafts = {"a": [1, 2, 3], "b": [4, 5, 6]}
     policy.observe_step_output(decode, drafts, 3, 1.00)  # first: no interval
-    policy.observe_step_output(decode, drafts, 3, 1.50)  # a bin's first: warm-up
+    policy.observe_step_output(decode, drafts, 3, 1.50)  # a key's first: warm-up
     policy.observe_step_output(decode, drafts, 3, 1.51)
-    assert policy.cost.count(8, drafting=True) == 1  # 2 requests x (1 + 3)
-    assert policy.cost.estimate(8, drafting=True) == pytest.approx(0.01)
-    assert policy.cost.count(8, drafting=False) == 0
+    assert policy.cost.count(2, 3) == 1  # batch 2, K 3
+    assert policy.cost.estimate(2, 3) == pytest.approx(0.01)
+    assert policy.cost.count(2, 0) == policy.cost.count(4, 3) == 0
     # A prefill in the step, mixed draft counts, an idle gap, a switch of K
     # (the step drafted for the other K): not cost samples.
     policy.observe_step_output({"a": 4, "c": 30}, {"a": [1, 2, 3]}, 3, 1.52)
@@ -171,11 +171,11 @@ def test_step_output_filter() -> None:
     # K = 0 steps (no drafts at all) are samples too.
     policy.observe_step_output({"a": 1, "b": 1}, {}, 0, 9.012)
     policy.observe_step_output({"a": 1, "b": 1}, {}, 0, 9.014)
-    assert policy.cost.count(2, drafting=False) == 1
+    assert policy.cost.count(2, 0) == 1
 
 
 def test_a_slow_first_run_of_a_shape_does_not_rule_k_out() -> None:
-    """The first step of a token bin (one-off warm-up) is no sample, and one
+    """The first step of a key (one-off warm-up) is no sample, and one
     outlier later moves the median, not the estimate's scale."""
     policy = AdaptiveDraftLength(7)
     decode, drafts = {"a": 8}, {"a": [0] * 7}
@@ -183,7 +183,40 @@ def test_a_slow_first_run_of_a_shape_does_not_rule_k_out() -> None:
     for seconds in (0.0, 0.5, 0.01, 0.01, 0.2, 0.01, 0.01):
         clock += seconds
         policy.observe_step_output(decode, drafts, 7, clock)
-    assert policy.cost.estimate(8, drafting=True) == pytest.approx(0.01)
+    assert policy.cost.estimate(1, 7) == pytest.approx(0.01)
+
+
+def test_costs_are_kept_per_batch_and_k() -> None:
+    """A step's cost is not inferred from its token count: batch 32 at K 7
+    and batch 64 at K 3 verify 256 tokens each, and on the H200 such a
+    shared bin read 9.4 ms in one run and 14.6 ms in another. Batch sizes
+    within a bucket share (batch 30 is batch 32's bucket)."""
+    cost = adaptive.StepCost()
+    for _ in range(4):
+        cost.observe(64, 3, 0.0146)
+        cost.observe(30, 7, 0.0094)
+    assert cost.estimate(64, 3) == pytest.approx(0.0146)
+    assert cost.estimate(32, 7) == pytest.approx(0.0094)
+    assert cost.estimate(32, 3) is None and cost.estimate(64, 7) is None
+    assert [adaptive.batch_bucket(b) for b in (1, 5, 7, 9, 10, 30, 38, 64)] == [
+        1, 6, 8, 8, 11, 32, 32, 64,
+    ]  # fmt: skip
+
+
+def test_every_k_of_a_batch_is_measured_from_k0_up() -> None:
+    policy = AdaptiveDraftLength(7, min_samples=1)
+    chosen = []
+    for k in (0, 1, 3, 7):
+        chosen.append(policy.choose(4))
+        policy.cost.recent[(4, k)] = deque([0.01])
+        policy.cost._table = None
+    assert chosen == [0, 1, 3, 7]
+    # Flat costs: the longest block wins once all are measured; every
+    # refresh_every decisions a neighbour is re-measured for REFRESH_STEPS
+    # steps (above the best, then below; K 7 has nothing above).
+    policy.refresh_every = 4
+    assert [policy[4] for _ in range(10)] == [7] * 7 + [3] * 3
+    assert policy.choose(8) == 0  # another bucket starts over
 
 
 def test_injection_only_for_dflash_with_the_switch(
@@ -294,76 +327,64 @@ def test_policy_delta_counts_only_the_timed_run() -> None:
     assert _policy_delta(None, None) is None
 
 
-# The policy's table at batch 8 on the H200 (Qwen3-8B shape, decaying
-# acceptance; docs/benchmarks/qwen3-8b-h200-adaptive-decay.json): step ms and
-# sample count per verify-token bin, and the conditional acceptance.
-H200_QWEN_B8_STEP_MS = {
-    "1": (7.021, 3),
-    "2": (6.46, 3),
-    "2+draft": (6.577, 4),
-    "3": (5.748, 3),
-    "4": (5.198, 3),
-    "4+draft": (6.487, 5),
-    "6": (9.747, 3),
-    "8": (6.621, 3),
-    "8+draft": (7.931, 3),
-    "11+draft": (5.027, 3),
-    "16+draft": (6.61, 8),
-    "32+draft": (5.941, 6),
-    "45+draft": (14.924, 2),
-    "64+draft": (6.926, 8),
-}
+def test_a_slow_reading_does_not_hide_a_larger_k() -> None:
+    """Noise only adds time. On the H200 (Qwen3-8B shape, batch 8) one
+    2-sample reading took 14.9 ms beside 6.9 ms for a step over more
+    tokens, and as the floor of every larger K it kept K 15, the best fixed
+    K there (4133 vs 3851 tok/s at K 7), from ever being tried. A key is
+    capped by every key with more drafts or more requests, so K 15's floor
+    is 6.9 ms and it is measured."""
+    policy = AdaptiveDraftLength(15)
+    for k, ms in ((0, 6.621), (1, 6.61), (3, 14.924), (7, 6.926)):
+        policy.cost.recent[(8, k)] = deque([ms / 1e3] * 3)
+    policy.acceptance.tried = [1e6] * 15
+    policy.acceptance.accepted = [r * 1e6 for r in H200_QWEN_B8_ACCEPTANCE]
+    assert policy.cost.estimate(8, 3) == pytest.approx(6.926e-3)
+    assert policy.cost.lower_bound(8, 15) == pytest.approx(6.926e-3)
+    assert policy.choose(8) == 15
+    # A bigger batch caps a smaller one too, and K 0 by steps with drafts.
+    policy.cost.recent[(16, 7)] = deque([5.0e-3] * 3)
+    policy.cost._table = None
+    assert policy.cost.estimate(8, 7) == pytest.approx(5.0e-3)
+    assert policy.cost.estimate(8, 0) == pytest.approx(5.0e-3)
+
+
+# The policy's conditional acceptance at batch 8 on the H200 (Qwen3-8B
+# shape, decaying acceptance; docs/benchmarks/qwen3-8b-h200-adaptive-decay.json).
 H200_QWEN_B8_ACCEPTANCE = [
     0.745, 0.831, 0.796, 0.815, 0.816, 0.767, 0.752, 0.808,
     0.806, 0.69, 0.765, 0.806, 0.8, 0.757, 0.776,
 ]  # fmt: skip
 
 
-def test_a_slow_small_bin_does_not_hide_a_larger_k() -> None:
-    """On the H200 one slow bin (45 tokens: 14.9 ms, two samples) sat under
-    cheaper bigger ones (64 tokens: 6.9 ms). As the floor of every unmeasured
-    bigger step it made K 15 at batch 8 look slower than K 7, so K 15 (the
-    best fixed K there: 4133 vs 3851 tok/s) was never tried. Capped by the
-    bins above it, the slow bin no longer rules K 15 out."""
-    policy = AdaptiveDraftLength(15)
-    for label, (ms, n) in H200_QWEN_B8_STEP_MS.items():
-        tokens = int(label.removesuffix("+draft"))
-        key = (adaptive.token_bin(tokens), label.endswith("+draft"))
-        policy.cost.recent[key] = deque([ms / 1e3] * n)
-    policy.acceptance.tried = [1e6] * 15
-    policy.acceptance.accepted = [r * 1e6 for r in H200_QWEN_B8_ACCEPTANCE]
-    assert policy.cost.estimate(45, drafting=True) == pytest.approx(6.926e-3)
-    assert policy.cost.lower_bound(128, drafting=True) == pytest.approx(6.926e-3)
-    assert policy.choose(8) == 15  # explored: it may win
-    # Bins without drafts are capped by dearer steps with drafts too, and
-    # never cap them.
-    assert policy.cost.estimate(6, drafting=False) == pytest.approx(5.027e-3)
-    assert policy.cost.estimate(8, drafting=True) == pytest.approx(5.027e-3)
-    assert policy.cost.estimate(2, drafting=True) == pytest.approx(5.027e-3)
-
-
-def test_a_slow_top_bin_is_bounded_by_linear_growth() -> None:
-    """Nothing caps the largest measured bin from above. On the H200 the
-    512-token bin read 79.7 ms (two samples) beside 14.6 ms at 256 tokens,
-    and that K was written off at batch 64. Twice the tokens cost at most
-    twice the time (with a bin's width as slack), so the bin is bounded by
-    the one below it."""
+def test_a_slow_top_reading_is_bounded_by_linear_growth() -> None:
+    """Nothing caps the largest K from above. On the H200 a 512-token step
+    (batch 64, K 7) read 79.7 ms (two samples) beside 14.6 ms for 256 tokens
+    (K 3), and that K was written off at batch 64. Twice the verified tokens
+    cost at most twice the time."""
     cost = adaptive.StepCost()
-    for tokens, drafting, ms, n in (
-        (256, True, 14.641, 8),
-        (512, True, 79.734, 2),
-        (64, False, 7.0, 3),
-        (512, False, 60.0, 3),
-    ):
-        cost.recent[(adaptive.token_bin(tokens), drafting)] = deque([ms / 1e3] * n)
-    bound = 14.641e-3 * 2 * 2**0.5
-    assert cost.estimate(512, drafting=True) == pytest.approx(bound)
-    # 60 ms without drafts: bounded by 8 x the 64-token bin (79 ms) and,
-    # tighter, by the same bin with drafts.
-    assert cost.estimate(512, drafting=False) == pytest.approx(bound)
-    assert cost.estimate(64, drafting=False) == pytest.approx(7.0e-3)
-    assert cost.estimate(256, drafting=True) == pytest.approx(14.641e-3)
-    # Medians at or under the bound stay as measured.
-    cost.recent[(adaptive.token_bin(512), True)] = deque([0.02] * 3)
+    for k, ms in ((0, 60.0), (3, 14.641), (7, 79.734)):
+        cost.recent[(64, k)] = deque([ms / 1e3] * 3)
+    assert cost.estimate(64, 7) == pytest.approx(14.641e-3 * 8 / 4)
+    assert cost.estimate(64, 0) == pytest.approx(14.641e-3)
+    assert cost.estimate(64, 3) == pytest.approx(14.641e-3)
+    # Readings under the bound stay as measured.
+    cost.recent[(64, 7)] = deque([0.02] * 3)
     cost._table = None
-    assert cost.estimate(512, drafting=True) == pytest.approx(0.02)
+    assert cost.estimate(64, 7) == pytest.approx(0.02)
+
+
+def test_a_compute_bound_batch_skips_ks_that_cannot_win() -> None:
+    """Step time is convex in the drafts: past the two largest measured K it
+    grows at least at their slope. Where that floor already loses to the
+    best measured K, the larger K is not tried (at batch 64 of a compute-
+    bound target, a K 15 step costs ten K 0 steps)."""
+    policy = AdaptiveDraftLength(15, min_samples=1)
+    step = {0: 0.036, 1: 0.061, 3: 0.112}  # 10 ms + 0.4 ms a token
+    for k, seconds in step.items():
+        policy.cost.recent[(64, k)] = deque([seconds])
+    policy.acceptance.tried = [1e6] * 15
+    policy.acceptance.accepted = [r * 1e6 for r in DECAYING]
+    assert policy.cost.lower_bound(64, 7) == pytest.approx(0.112 + 4 * 0.0255)
+    assert policy.choose(64) == 1
+    assert policy.decisions == {}  # choose() alone records nothing
