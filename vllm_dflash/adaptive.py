@@ -57,6 +57,11 @@ from vllm_dflash.log import get_logger
 # REFRESH_EVERY decisions of a batch bucket.
 MIN_SAMPLES = 3
 REFRESH_EVERY = 128
+# A batch bucket runs the K of the nearest measured bucket for this many
+# decisions before it measures its own candidates: exploring costs about
+# 5 steps per K, which pays only where a load stays. A benchmark pass's tail
+# (requests finishing one by one) and a passing burst never reach it.
+EXPLORE_AFTER = 16
 # Consecutive steps of a re-measurement: the first drafts for the new K while
 # verifying the old one, so it is no sample; the next two are.
 REFRESH_STEPS = 3
@@ -256,17 +261,21 @@ class AdaptiveDraftLength:
         *,
         min_samples: int = MIN_SAMPLES,
         refresh_every: int = REFRESH_EVERY,
+        explore_after: int = EXPLORE_AFTER,
         acceptance: AcceptanceEstimate | None = None,
     ) -> None:
         self.k_max = k_max
         self.ks = candidate_ks(k_max)
         self.min_samples = min_samples
         self.refresh_every = refresh_every
+        self.explore_after = explore_after
         self.acceptance = acceptance or AcceptanceEstimate(k_max)
         self.cost = StepCost()
         self.decisions: Counter[tuple[int, int]] = Counter()
         self.steps = 0
-        self._per_bucket: Counter[int] = Counter()
+        self._visits: Counter[int] = Counter()  # choices per batch bucket
+        self._measured: set[int] = set()  # buckets past their exploration
+        self._per_bucket: Counter[int] = Counter()  # choices since then
         self._last_output_s: float | None = None
 
     # -- the decision -----------------------------------------------------
@@ -281,27 +290,36 @@ class AdaptiveDraftLength:
     def choose(self, batch: int) -> int:
         """The K with the highest expected throughput at this batch size.
 
-        A batch bucket measures its candidates (``min_samples`` steps each)
-        from K = 0 up, each only while it could still win: its expected
-        tokens over the floor of its step time (``StepCost.lower_bound``)
-        must beat the best measured K. Once measured, the bucket runs the best
-        K and re-measures a neighbour of it for a few steps every
-        ``refresh_every`` decisions, so the table follows costs that drift
-        (longer contexts, another tenant on the GPU) and a K ruled out by a
-        floor gets measured once its neighbour is best.
+        A new batch bucket first runs the K the nearest measured bucket
+        would run (``explore_after`` decisions; the first bucket of all has
+        none and measures at once). It then measures its candidates
+        (``min_samples`` steps each) from K = 0 up, each only while it could
+        still win: its expected tokens over the floor of its step time
+        (``StepCost.lower_bound``) must beat the best measured K. Once
+        measured, the bucket runs the best K and re-measures a neighbour of
+        it for a few steps every ``refresh_every`` decisions, so the table
+        follows costs that drift (longer contexts, another tenant on the GPU)
+        and a K ruled out by a floor gets measured once its neighbour is best.
         """
-        best_k, best = 0, -1.0
+        bucket = batch_bucket(batch)
+        self._visits[bucket] += 1
+        if bucket not in self._measured and self._visits[bucket] <= self.explore_after:
+            donor = min(
+                self._measured,
+                key=lambda b: abs(math.log(b / bucket)),
+                default=None,
+            )
+            if donor is not None:
+                return self._best_measured(donor)[0]
+        best_k, best = self._best_measured(batch)
         for k in self.ks:
             if self.cost.count(batch, k) >= self.min_samples:
-                rate = self.throughput(batch, k)
-                if rate > best:
-                    best_k, best = k, rate
                 continue
             floor = self.cost.lower_bound(batch, k)
             gain = batch * (1.0 + self.acceptance.expected_accepted(k))
             if floor is None or gain / floor > best:
                 return k
-        bucket = batch_bucket(batch)
+        self._measured.add(bucket)
         self._per_bucket[bucket] += 1
         n = self._per_bucket[bucket]
         if n >= self.refresh_every and n % self.refresh_every < REFRESH_STEPS:
@@ -312,6 +330,15 @@ class AdaptiveDraftLength:
             if 0 <= j < len(self.ks):
                 return self.ks[j]
         return best_k
+
+    def _best_measured(self, batch: int) -> tuple[int, float]:
+        """The measured K (``min_samples`` steps) with the highest expected
+        throughput at this batch, and that throughput; (0, -1) if none."""
+        measured = [k for k in self.ks if self.cost.count(batch, k) >= self.min_samples]
+        if not measured:
+            return 0, -1.0
+        best_k = max(measured, key=lambda k: self.throughput(batch, k))
+        return best_k, self.throughput(batch, best_k)
 
     def throughput(self, batch: int, k: int) -> float:
         """Expected output tokens per second at this batch with K = k."""
