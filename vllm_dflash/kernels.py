@@ -50,6 +50,7 @@ class BlockInputs:
     num_reqs: int
     num_reqs_padded: int
     block_len: int
+    max_block_len: int  # the longest block any step runs (K_max + 1)
     mask_token_id: int
     max_model_len: int
 
@@ -125,11 +126,18 @@ def prepare_block_triton(a: BlockInputs) -> None:
             a.max_model_len,
             PAD=PAD_SLOT,
             WRITE_TOKENS=group == 0,
-            BLOCK=triton.next_power_of_2(a.block_len),
+            # From the longest block, not this step's: one compiled kernel
+            # for every K, built at the first dummy run.
+            BLOCK=triton.next_power_of_2(a.max_block_len),
         )
 
 
-@triton.jit
+# Triton compiles a new variant for an integer argument equal to 1 or
+# divisible by 16. The batch and the block length change from step to step
+# (adaptive K, requests finishing), and a value first met while serving
+# compiled the kernel mid-request: vLLM's JIT monitor logged a compile of it
+# after warm-up in two H200 benches. Not yet re-run with this.
+@triton.jit(do_not_specialize=["num_reqs", "num_reqs_padded", "block_len"])
 def _block_inputs_kernel(
     qsl_ptr,
     target_pos_ptr,

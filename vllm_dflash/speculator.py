@@ -318,6 +318,7 @@ class DFlashSpeculator(compat.DraftModelSpeculator):
                 num_reqs=num_reqs,
                 num_reqs_padded=reqs,
                 block_len=q,
+                max_block_len=self.num_speculative_steps + 1,
                 mask_token_id=self.draft_config.mask_token_id,
                 max_model_len=self.max_model_len,
             )

@@ -49,6 +49,7 @@ def _inputs(
         num_reqs=2,
         num_reqs_padded=num_reqs_padded,
         block_len=Q,
+        max_block_len=16,
         mask_token_id=MASK,
         max_model_len=max_model_len,
     )
