@@ -234,16 +234,26 @@ def _capped(medians: dict[Key, float]) -> dict[Key, float]:
     - the same batch with fewer drafts (K' >= 1), scaled by the verified
       tokens ``(1 + K) / (1 + K')``: the work per token does not grow with K.
     """
+    # Rebuilt after every new sample, on the scheduler's path: one sweep over
+    # the (bucket, K) grid from the top corner down, not a scan per key.
+    buckets = sorted({b for b, _ in medians}, reverse=True)
+    ks = sorted({k for _, k in medians}, reverse=True)
+    dominating: dict[Key, float] = {}  # min over b2 >= b, k2 >= k
+    for i, b in enumerate(buckets):
+        for j, k in enumerate(ks):
+            dominating[(b, k)] = min(
+                medians.get((b, k), math.inf),
+                dominating[(buckets[i - 1], k)] if i else math.inf,
+                dominating[(b, ks[j - 1])] if j else math.inf,
+            )
     table: dict[Key, float] = {}
     for b, k in medians:
-        table[(b, k)] = min(
-            [m for (b2, k2), m in medians.items() if b2 >= b and k2 >= k]
-            + [
-                m * (1 + k) / (1 + k2)
-                for (b2, k2), m in medians.items()
-                if b2 == b and 1 <= k2 < k
-            ]
+        linear = (
+            medians[(b, k2)] * (1 + k) / (1 + k2)
+            for k2 in ks
+            if 1 <= k2 < k and (b, k2) in medians
         )
+        table[(b, k)] = min([dominating[(b, k)], *linear])
     return table
 
 
