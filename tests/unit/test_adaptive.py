@@ -229,6 +229,9 @@ def test_costs_are_kept_per_batch_and_k() -> None:
     assert [adaptive.batch_bucket(b) for b in (1, 5, 7, 9, 10, 30, 38, 64)] == [
         1, 6, 8, 8, 11, 32, 32, 64,
     ]  # fmt: skip
+    # A bucket's name is a batch of that bucket (a donor is looked up by it).
+    for bucket in {adaptive.batch_bucket(b) for b in range(1, 1025)}:
+        assert adaptive.batch_bucket(bucket) == bucket
 
 
 def test_every_k_of_a_batch_is_measured_from_k0_up() -> None:
