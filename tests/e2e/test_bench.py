@@ -23,7 +23,7 @@ def test_bench_writes_table_json_and_plot(tmp_path: Path) -> None:
     cmd += ["--modes", "none,plugin-k3,adaptive", "--batch-sizes", "1,2"]
     cmd += ["--k", "7", "--tau", "0", "--acceptance", "decay"]
     cmd += ["--prompt-len", "8", "--output-len", "16", "--long-output-len", "40"]
-    cmd += ["--enforce-eager"]
+    cmd += ["--enforce-eager", "--repeats", "2"]
     cmd += ["--dtype", "float32", "--out", str(out)]
     # In-process engine cores: CPU vLLM otherwise gives the worker its own
     # process, away from the scheduler's adaptive policy the bench reads.
@@ -34,9 +34,13 @@ def test_bench_writes_table_json_and_plot(tmp_path: Path) -> None:
     rows = {(r["mode"], r["batch"]): r for r in data["rows"]}
     modes = ("none", "plugin-k3", "adaptive")
     assert list(rows) == [(m, b) for b in (1, 2) for m in modes]
-    assert all(
-        r["tokens"] == 16 * r["batch"] and r["tok_per_s"] > 0 for r in rows.values()
-    )
+    # Two timed passes per batch: tokens and seconds over both, the rate the
+    # median of the two (their mean).
+    for r in rows.values():
+        assert r["tokens"] == 2 * 16 * r["batch"], r
+        rates = r["pass_tok_per_s"]
+        assert len(rates) == 2 and min(rates) > 0
+        assert r["tok_per_s"] == pytest.approx(sum(rates) / 2)
     assert rows[("none", 1)]["acceptance_length"] is None
     assert [rows[(m, 1)]["k"] for m in modes] == [0, 3, 7]
     # At most K drafts accepted per step: 1 <= tau <= K + 1.
@@ -66,7 +70,8 @@ def test_bench_writes_table_json_and_plot(tmp_path: Path) -> None:
     long = {r["mode"]: r for r in data["long_rows"]}
     assert list(long) == list(modes)
     assert all(r["batch"] == 1 and r["tokens"] == 40 for r in long.values())
-    assert meta["long_output_len"] == 40
+    assert all(len(r["pass_tok_per_s"]) == 1 for r in long.values())
+    assert meta["long_output_len"] == 40 and meta["repeats"] == 2
     assert (out / "bench.png").stat().st_size > 1000
     table = proc.stdout
     assert "vs none" in table and "adaptive/best" in table

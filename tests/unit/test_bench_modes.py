@@ -208,3 +208,13 @@ def test_bench_json_is_written_after_every_mode(
     final = json.loads((tmp_path / "bench.json").read_text())
     assert final["meta"]["complete"] is True
     assert [r["mode"] for r in final["rows"]] == ["none", "plugin"]
+
+
+def test_repeats_below_one_is_refused(tmp_path: Path) -> None:
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    args = parser.parse_args(["--preset", "tiny", "--repeats", "0"])
+    args.out = str(tmp_path)
+    with pytest.raises(SystemExit, match="invalid --repeats=0"):
+        bench.bench_command(args)
+    assert parser.parse_args([]).repeats == 3
