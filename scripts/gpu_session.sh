@@ -2,7 +2,9 @@
 # On the lent H200 (see ../shared/device/README.md): install this checkout
 # beside the unpacked vLLM and run one step, copying results to $OUT.
 #
-#   bash scripts/gpu_session.sh install|checks|capture|profile
+#   bash scripts/gpu_session.sh install|checks|capture|profile|unit
+#       (unit: the unit tests that need CUDA, e.g. the Triton block kernel
+#       against its torch path; needs pytest on the machine)
 #   bash scripts/gpu_session.sh correctness  # checks, capture gemma3, the
 #       0.20/0.26 compare (if 0.20 is in /tmp/site-prev) and the H200 training
 #       run at once; the training's bench waits for the others to finish
@@ -27,6 +29,16 @@ case "$1" in
     echo "checks rc=$?"
     cp "$WORK/checks/gpu_checks.json" "$OUT/" 2>/dev/null
     tail -c 3000 "$OUT/checks.log"
+    ;;
+  unit)
+    if python3 -c 'import pytest' 2>/dev/null; then
+      timeout 300 python3 -m pytest -q -p no:cacheprovider tests/unit/test_speculator.py \
+        > "$OUT/unit.log" 2>&1
+      echo "unit rc=$?"
+      tail -n 5 "$OUT/unit.log"
+    else
+      echo "unit: no pytest on this machine"
+    fi
     ;;
   capture)
     shift
