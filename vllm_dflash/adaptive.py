@@ -235,25 +235,24 @@ def _capped(medians: dict[Key, float]) -> dict[Key, float]:
       tokens ``(1 + K) / (1 + K')``: the work per token does not grow with K.
     """
     # Rebuilt after every new sample, on the scheduler's path: one sweep over
-    # the (bucket, K) grid from the top corner down, not a scan per key.
+    # the (bucket, K) grid from the largest bucket and K down.
     buckets = sorted({b for b, _ in medians}, reverse=True)
     ks = sorted({k for _, k in medians}, reverse=True)
-    dominating: dict[Key, float] = {}  # min over b2 >= b, k2 >= k
-    for i, b in enumerate(buckets):
-        for j, k in enumerate(ks):
-            dominating[(b, k)] = min(
-                medians.get((b, k), math.inf),
-                dominating[(buckets[i - 1], k)] if i else math.inf,
-                dominating[(b, ks[j - 1])] if j else math.inf,
-            )
+    above = [math.inf] * len(ks)  # the bucket above: min over b2 > b, k2 >= k
     table: dict[Key, float] = {}
-    for b, k in medians:
-        linear = (
-            medians[(b, k2)] * (1 + k) / (1 + k2)
-            for k2 in ks
-            if 1 <= k2 < k and (b, k2) in medians
-        )
-        table[(b, k)] = min([dominating[(b, k)], *linear])
+    for b in buckets:
+        run = math.inf  # min over b2 >= b, k2 >= k
+        for j, k in enumerate(ks):
+            run = min(run, medians.get((b, k), math.inf), above[j])
+            above[j] = run
+        per_token = math.inf  # min over measured 1 <= k2 < k of m / (1 + k2)
+        for j in reversed(range(len(ks))):
+            k = ks[j]
+            if (b, k) not in medians:
+                continue
+            table[(b, k)] = min(above[j], per_token * (1 + k))
+            if k >= 1:
+                per_token = min(per_token, medians[(b, k)] / (1 + k))
     return table
 
 
