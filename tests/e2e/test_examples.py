@@ -63,7 +63,9 @@ def test_benchmark_example_tiny(tmp_path: Path) -> None:
     proc = run([*cmd, "--batch-sizes", "2"], timeout=600, OUT=str(out))
     rows = json.loads((out / "bench.json").read_text())["rows"]
     assert [(r["mode"], r["batch"]) for r in rows] == [("plugin", 2)]
-    assert rows[0]["tokens"] == 2 * 16 and rows[0]["tok_per_s"] > 0
+    # Three timed passes by default (--repeats), 2 requests x 16 tokens each.
+    assert len(rows[0]["pass_tok_per_s"]) == 3
+    assert rows[0]["tokens"] == 3 * 2 * 16 and rows[0]["tok_per_s"] > 0
     assert rows[0]["acceptance_length"] >= 1.0
     assert (out / "bench.png").exists()
     assert "[bench] wrote" in proc.stdout
