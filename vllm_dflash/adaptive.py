@@ -164,9 +164,9 @@ class StepCost:
     """Decode-step seconds per (batch bucket, K).
 
     A key's estimate is the median of its last WINDOW samples, then capped
-    (``_capped``): a step never costs more with more drafts or more requests
-    (the cheapest such step bounds it), nor more than in proportion to the
-    verified tokens from a smaller K with drafts. Step-time noise is
+    (``_capped``): a step costs no more than any step with as many or more
+    drafts and requests (the cheapest of them bounds it), nor more than a
+    smaller K with drafts scaled by the verified tokens. Step-time noise is
     one-sided (a JIT compile, a host hiccup, a neighbour on the GPU): an
     outlier makes a key look dearer, never cheaper, and the caps bound it by
     what was measured around it.
@@ -238,7 +238,7 @@ def _capped(medians: dict[Key, float]) -> dict[Key, float]:
     # the (bucket, K) grid from the largest bucket and K down.
     buckets = sorted({b for b, _ in medians}, reverse=True)
     ks = sorted({k for _, k in medians}, reverse=True)
-    above = [math.inf] * len(ks)  # the bucket above: min over b2 > b, k2 >= k
+    above = [math.inf] * len(ks)  # per K: min over the rows swept, k2 >= k
     table: dict[Key, float] = {}
     for b in buckets:
         run = math.inf  # min over b2 >= b, k2 >= k
