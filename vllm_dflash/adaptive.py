@@ -284,7 +284,7 @@ class AdaptiveDraftLength:
         self.steps = 0
         self._visits: Counter[int] = Counter()  # choices per batch bucket
         self._measured: set[int] = set()  # buckets past their exploration
-        self._per_bucket: Counter[int] = Counter()  # choices since then
+        self._since_measured: Counter[int] = Counter()  # choices since then
         self._last_output_s: float | None = None
 
     # -- the decision -----------------------------------------------------
@@ -329,8 +329,8 @@ class AdaptiveDraftLength:
             if floor is None or gain / floor > best:
                 return k
         self._measured.add(bucket)
-        self._per_bucket[bucket] += 1
-        n = self._per_bucket[bucket]
+        self._since_measured[bucket] += 1
+        n = self._since_measured[bucket]
         if n >= self.refresh_every and n % self.refresh_every < REFRESH_STEPS:
             # Re-measure a neighbour of the best, alternating below and above,
             # for long enough to get steady-state samples.
@@ -343,11 +343,14 @@ class AdaptiveDraftLength:
     def _best_measured(self, batch: int) -> tuple[int, float]:
         """The measured K (``min_samples`` steps) with the highest expected
         throughput at this batch, and that throughput; (0, -1) if none."""
-        measured = [k for k in self.ks if self.cost.count(batch, k) >= self.min_samples]
-        if not measured:
-            return 0, -1.0
-        best_k = max(measured, key=lambda k: self.throughput(batch, k))
-        return best_k, self.throughput(batch, best_k)
+        rates = [
+            (self.throughput(batch, k), k)
+            for k in self.ks
+            if self.cost.count(batch, k) >= self.min_samples
+        ]
+        # The smallest K among equal rates, as a first-maximum scan gives.
+        rate, k = max(rates, key=lambda r: (r[0], -r[1]), default=(-1.0, 0))
+        return k, rate
 
     def throughput(self, batch: int, k: int) -> float:
         """Expected output tokens per second at this batch with K = k."""

@@ -508,6 +508,7 @@ def _worker(spec: BenchSpec) -> list[BenchRow]:
         tokens = sum(n for n, _ in passes)
         seconds = sum(t for _, t in passes)
         rates = [n / t for n, t in passes]
+        rate = statistics.median(rates)
         after = _spec_metrics(llm)
         drafts = after[0] - before[0]
         tau = 1 + (after[1] - before[1]) / drafts if drafts else None
@@ -518,7 +519,7 @@ def _worker(spec: BenchSpec) -> list[BenchRow]:
                 batch,
                 tokens,
                 seconds,
-                statistics.median(rates),
+                rate,
                 tau,
                 runner,
                 spec.k,
@@ -531,7 +532,7 @@ def _worker(spec: BenchSpec) -> list[BenchRow]:
         spread = f", passes {min(rates):.1f}-{max(rates):.1f}" if len(rates) > 1 else ""
         print(
             f"[bench] {spec.mode:>10} ({runner}) batch {batch:>3} x {output_len} "
-            f"tokens: {statistics.median(rates):9.1f} tok/s ({seconds:.2f} s{spread})"
+            f"tokens: {rate:9.1f} tok/s ({seconds:.2f} s{spread})"
             + (f"  tau {tau:.2f}" if tau else "")
             + (f"  steps per K {policy['steps_per_k']}" if policy else ""),
             file=sys.stderr,
