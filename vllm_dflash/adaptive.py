@@ -14,8 +14,8 @@ maximise expected output tokens per second:
 
 - ``E[accepted | K]`` comes from per-position *conditional* acceptance rates
   (``AcceptanceEstimate``), counted from every verified request with
-  exponential forgetting toward a prior, so positions the policy stopped
-  verifying drift back to the prior and get tried again.
+  exponential forgetting per position; a position the policy stopped
+  verifying keeps its estimate until a re-measurement verifies it again.
 - ``T(b, K)`` is the measured wall time of a decode step at batch ``b``
   with K drafts per request (``StepCost``, keyed by batch on a sqrt(2) grid
   and by K itself): the time between consecutive outputs of the engine,
@@ -67,6 +67,9 @@ EXPLORE_AFTER = 16
 REFRESH_STEPS = 3
 # A key's cost is the median of its last WINDOW samples.
 WINDOW = 8
+# Runs of equal decisions kept for ``snapshot()["trace"]`` (the order of
+# choices, which the per-key counts lose).
+TRACE_RUNS = 512
 # Steps whose outputs arrive further apart than this were not back to back
 # (the engine idled): their interval says nothing about the step's cost.
 MAX_STEP_GAP_S = 2.0
@@ -107,7 +110,16 @@ def batch_bucket(batch: int) -> int:
 class AcceptanceEstimate:
     """Per-position conditional acceptance ``P(draft i accepted | drafts
     1..i-1 accepted)`` from decayed counts with a prior of ``prior_weight``
-    pseudo-observations at ``prior``."""
+    pseudo-observations at ``prior``.
+
+    Each position forgets in its own observations (``decay`` per time it is
+    tried), not in wall time or in requests: a position the policy stopped
+    verifying keeps its last estimate until a re-measurement tries it again.
+    Forgetting in requests pulled such positions back to the prior, and the
+    prior (0.7) is below what DFlash drafters show past the first position
+    (about 0.8 conditional in the published profiles): the longer a short K
+    ran, the worse every longer K looked.
+    """
 
     k_max: int
     prior: float = 0.7
@@ -115,11 +127,6 @@ class AcceptanceEstimate:
     decay: float = 0.998
     tried: list[float] = field(default_factory=list)
     accepted: list[float] = field(default_factory=list)
-    # Counts are stored in units that grow by 1/decay per observation, so the
-    # decay of every older count is one multiplication (the scheduler calls
-    # ``observe`` for every request of every step); ``_unit`` is the weight
-    # of a new observation in those units.
-    _unit: float = 1.0
 
     def __post_init__(self) -> None:
         self.tried = [0.0] * self.k_max
@@ -128,22 +135,17 @@ class AcceptanceEstimate:
     def observe(self, num_drafts: int, num_accepted: int) -> None:
         """One verified request: ``num_drafts`` drafts, the first
         ``num_accepted`` of them accepted."""
-        self._unit /= self.decay
-        if self._unit > 1e12:  # rescale before the floats lose precision
-            self.tried = [t / self._unit for t in self.tried]
-            self.accepted = [a / self._unit for a in self.accepted]
-            self._unit = 1.0
         # Positions 1..accepted were accepted; position accepted+1 (if it was
         # drafted) was tried and rejected; later ones were never looked at.
+        d = self.decay
         for i in range(min(num_accepted + 1, num_drafts, self.k_max)):
-            self.tried[i] += self._unit
-            if i < num_accepted:
-                self.accepted[i] += self._unit
+            self.tried[i] = self.tried[i] * d + 1.0
+            self.accepted[i] = self.accepted[i] * d + (i < num_accepted)
 
     def conditional(self) -> list[float]:
-        w, p, unit = self.prior_weight, self.prior, self._unit
+        w, p = self.prior_weight, self.prior
         return [
-            (a / unit + w * p) / (t / unit + w)
+            (a + w * p) / (t + w)
             for a, t in zip(self.accepted, self.tried, strict=True)
         ]
 
@@ -282,6 +284,8 @@ class AdaptiveDraftLength:
         self.cost = StepCost()
         self.decisions: Counter[tuple[int, int]] = Counter()
         self.steps = 0
+        # Run-length decisions in order: [first step, batch bucket, K, steps].
+        self.trace: deque[list[int]] = deque(maxlen=TRACE_RUNS)
         self._visits: Counter[int] = Counter()  # choices per batch bucket
         self._measured: set[int] = set()  # buckets past their exploration
         self._since_measured: Counter[int] = Counter()  # choices since then
@@ -290,7 +294,13 @@ class AdaptiveDraftLength:
     # -- the decision -----------------------------------------------------
     def __getitem__(self, batch: int) -> int:
         k = self.choose(batch)
-        self.decisions[(batch_bucket(batch), k)] += 1
+        bucket = batch_bucket(batch)
+        self.decisions[(bucket, k)] += 1
+        last = self.trace[-1] if self.trace else None
+        if last is not None and last[1:3] == [bucket, k]:
+            last[3] += 1
+        else:
+            self.trace.append([self.steps, bucket, k, 1])
         self.steps += 1
         if self.steps % LOG_EVERY == 0:
             log_summary(self)
@@ -408,9 +418,10 @@ class AdaptiveDraftLength:
         """What the policy has decided and measured so far (JSON-ready), for
         the benchmark and for debugging a choice: steps per K (all batch
         sizes, and per batch bucket), the median step time per (batch bucket,
-        K) in ms with its sample count, and the conditional acceptance per
-        position."""
+        K) in ms with its sample count, the conditional acceptance per
+        position, and the last TRACE_RUNS runs of equal decisions in order."""
         return {
+            "steps": self.steps,
             "steps_per_k": {str(k): n for k, n in self.steps_per_k().items()},
             # "b8/K7": steps of batch bucket 8 (batches 7..9) that chose K 7.
             "steps_per_batch_k": {
@@ -426,6 +437,9 @@ class AdaptiveDraftLength:
             "conditional_acceptance": [
                 round(r, 3) for r in self.acceptance.conditional()
             ],
+            # [first step, batch bucket, K, steps]: e.g. [120, 32, 3, 40] is
+            # steps 120..159, batch bucket 32, K 3.
+            "trace": [list(run) for run in self.trace],
         }
 
     def summary(self) -> str:

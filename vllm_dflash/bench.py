@@ -393,7 +393,7 @@ def _policy_delta(
     before: dict[str, Any] | None, after: dict[str, Any] | None
 ) -> dict[str, Any] | None:
     """The policy's snapshot after a timed run, its step counts (per K, per
-    batch bucket and K) counted over that run only."""
+    batch bucket and K) and its decision trace over that run only."""
     if after is None:
         return None
     delta = dict(after)
@@ -401,6 +401,12 @@ def _policy_delta(
         old = (before or {}).get(name, {})
         steps = {k: n - old.get(k, 0) for k, n in after.get(name, {}).items()}
         delta[name] = {k: n for k, n in steps.items() if n}
+    start = (before or {}).get("steps", 0)
+    delta["trace"] = [
+        [max(first, start), bucket, k, first + n - max(first, start)]
+        for first, bucket, k, n in after.get("trace", [])
+        if first + n > start
+    ]
     return delta
 
 

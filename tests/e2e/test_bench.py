@@ -54,6 +54,10 @@ def test_bench_writes_table_json_and_plot(tmp_path: Path) -> None:
         policy = row["adaptive"]
         assert set(policy["steps_per_k"]) <= {"0", "1", "3", "7"}
         assert sum(policy["steps_per_k"].values()) > 0
+        # The trace holds the timed run's decisions in order, no more.
+        assert sum(run[3] for run in policy["trace"]) == sum(
+            policy["steps_per_k"].values()
+        )
         assert len(policy["conditional_acceptance"]) == 7
         drafted = any(k != "0" for k in policy["steps_per_k"])
         if row["acceptance_length"] is not None:
