@@ -4,7 +4,9 @@
 #
 #   bash scripts/gpu_session.sh install|checks|capture|profile|unit
 #       (unit: the unit tests that need CUDA, e.g. the Triton block kernel
-#       against its torch path; needs pytest on the machine)
+#       against its torch path; where the image lacks pytest, carry wheels in
+#       .device/pytest, from `pip download pytest -d .device/pytest
+#       --python-version 3.12 --only-binary=:all:` without packaging's)
 #   bash scripts/gpu_session.sh correctness  # checks, capture gemma3, the
 #       0.20/0.26 compare (if 0.20 is in /tmp/site-prev) and the H200 training
 #       run at once; the training's bench waits for the others to finish
@@ -31,6 +33,9 @@ case "$1" in
     tail -c 3000 "$OUT/checks.log"
     ;;
   unit)
+    if ! python3 -c 'import pytest' 2>/dev/null && ls .device/pytest/*.whl > /dev/null 2>&1; then
+      python3 -m pip install -q --no-deps --no-index .device/pytest/*.whl
+    fi
     if python3 -c 'import pytest' 2>/dev/null; then
       timeout 300 python3 -m pytest -q -p no:cacheprovider tests/unit/test_speculator.py \
         > "$OUT/unit.log" 2>&1
