@@ -7,7 +7,7 @@ record what the scheduler reports back (run as a script by
 The engine core runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``,
 set by the test), so the scheduler's policy object is patched here: its
 decisions follow ``SCRIPT`` and every step output it sees is recorded with
-the step samples the cost table took from it.
+whether the cost table timed it.
 """
 
 from __future__ import annotations
@@ -30,25 +30,27 @@ def main() -> None:
     target, drafter, result = sys.argv[1:4]
     decisions: list[int] = []
     outputs: list[dict[str, Any]] = []
-    choose = adaptive.AdaptiveDraftLength.__getitem__
     observe = adaptive.AdaptiveDraftLength.observe_step_output
 
     def scripted(self: adaptive.AdaptiveDraftLength, batch: int) -> int:
-        choose(self, batch)  # the policy's own bookkeeping
         k = SCRIPT[len(decisions)] if len(decisions) < len(SCRIPT) else 3
         decisions.append(k)
         return k
 
     def recorded(self: adaptive.AdaptiveDraftLength, *args: Any) -> None:
         scheduled, drafts, next_k, _ = args
-        before = sum(len(v) for v in self.cost.recent.values())
+        seen = dict(self.cost.seen)
         observe(self, *args)
+        timed = [key for key, n in self.cost.seen.items() if n > seen.get(key, 0)]
         outputs.append(
             {
                 "drafts": sorted({len(drafts.get(r, ())) for r in scheduled}),
                 "next_k": next_k,
                 "tokens": sorted(set(scheduled.values())),
-                "sampled": sum(len(v) for v in self.cost.recent.values()) > before,
+                # The step's interval reached the cost table; it is a sample
+                # unless it was its key's first (``StepCost.observe``).
+                "timed": bool(timed),
+                "sampled": any(self.cost.seen[key] > 1 for key in timed),
             }
         )
 

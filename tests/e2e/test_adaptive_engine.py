@@ -54,14 +54,14 @@ def test_a_three_step_switch_gives_two_samples(
         assert out["drafts"] == [decisions[i]], (i, out, decisions)
         assert out["next_k"] == decisions[i + 1], (i, out, decisions)
         assert out["tokens"] == [1 + decisions[i]], (i, out)
-    # A sample only where the step verified and drafted one K. The switch to
-    # K 7 (steps 8-10 of the script): the step that drafts for it verified K
-    # 3, the step that switches back verified K 7; the two between are
-    # samples, the first of them the key's first step (not a sample: a
-    # shape's first run pays one-off costs).
-    sampled = [o["sampled"] for o in decode]
-    steady = [decode[i]["drafts"] == [decode[i]["next_k"]] for i in range(len(decode))]
-    assert all(s <= t for s, t in zip(sampled, steady, strict=True))
+    # Timed exactly where the step verified and drafted one K. The switch to
+    # K 7 (decisions 8-10): the step drafting for it verified K 3, the step
+    # switching back verified K 7, and the two between are timed; the first
+    # of them is K 7's first step, no sample (a shape's first run pays
+    # one-off costs).
+    timed = [o["timed"] for o in decode]
+    assert timed == [o["drafts"] == [o["next_k"]] for o in decode], decode
     k7 = [o for o in decode if o["drafts"] == [7]]
-    assert [o["sampled"] for o in k7] == [False, True, False]
     assert [o["next_k"] for o in k7] == [7, 7, 3]
+    assert [o["timed"] for o in k7] == [True, True, False]
+    assert [o["sampled"] for o in k7] == [False, True, False]
