@@ -35,9 +35,20 @@ from vllm.model_executor.layers.linear import (
     RowParallelLinear,
 )
 from vllm.model_executor.layers.logits_processor import LogitsProcessor
-from vllm.model_executor.layers.rotary_embedding import get_rope
+from vllm.model_executor.layers.rotary_embedding import RotaryEmbedding, get_rope
 from vllm.model_executor.model_loader.utils import get_model_architecture
 from vllm.model_executor.model_loader.weight_utils import default_weight_loader
+
+# --- vLLM's own RMSNorm and RoPE kernels (CUDA and CPU builds) -------------
+try:
+    from vllm import _custom_ops as _ops
+
+    HAS_NORM_ROPE_KERNELS = hasattr(_ops, "rms_norm") and hasattr(
+        _ops, "rotary_embedding"
+    )
+except ImportError:  # pragma: no cover - a build without compiled ops
+    _ops = None
+    HAS_NORM_ROPE_KERNELS = False
 
 # --- target models: the EAGLE-3 aux-hidden-state interface ------------------
 from vllm.model_executor.models.interfaces import SupportsEagle3, supports_eagle3
@@ -89,6 +100,7 @@ except ImportError:  # pragma: no cover - releases without the V2 runner
     DraftModelSpeculator = object  # type: ignore[assignment,misc]
 
 __all__ = [
+    "HAS_NORM_ROPE_KERNELS",
     "HAS_TRITON",
     "PADDING_SLOT_ID",
     "Attention",
@@ -123,7 +135,11 @@ __all__ = [
     "get_model_architecture",
     "get_rope",
     "init_logger",
+    "kernel_rms_norm_of",
+    "kernel_rope_of",
     "kv_cache_update",
+    "rms_norm_kernel",
+    "rope_keys_kernel",
     "rope_kwargs",
     "sample_draft_tokens",
     "set_forward_context",
@@ -153,6 +169,63 @@ def rope_kwargs(hf_config: Any, head_dim: int) -> dict[str, Any]:
     params["rope_theta"] = 1_000_000.0 if theta is None else float(theta)
     max_pos = int(getattr(hf_config, "max_position_embeddings", 32768))
     return dict(head_size=head_dim, max_position=max_pos, rope_parameters=params)
+
+
+def kernel_rms_norm_of(norm: Any) -> tuple[torch.Tensor, float] | None:
+    """(weight, eps) of an ``RMSNorm`` that vLLM's ``rms_norm`` kernel computes
+    exactly (a weight, the variance over the whole row); None otherwise."""
+    if not HAS_NORM_ROPE_KERNELS or type(norm) is not RMSNorm:
+        return None
+    if not getattr(norm, "has_weight", True):
+        return None
+    if getattr(norm, "variance_size_override", None) is not None:
+        return None
+    return norm.weight, float(norm.variance_epsilon)
+
+
+def rms_norm_kernel(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """vLLM's fused RMSNorm over the last dim of a contiguous ``x``: one
+    kernel, where the ``RMSNorm`` module outside a compiled graph runs its
+    PyTorch reference (about six kernels)."""
+    assert _ops is not None
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    _ops.rms_norm(out, x, weight, eps)
+    return out
+
+
+def kernel_rope_of(rope: Any) -> tuple[int, bool] | None:
+    """(head_size, is_neox_style) of a rotary embedding that vLLM's
+    ``rotary_embedding`` kernel computes exactly: the base ``RotaryEmbedding``
+    forward over its cos/sin cache (scaled variants such as YaRN, Llama 3 or
+    Gemma 4's proportional RoPE only change that cache); None for classes with
+    their own forward (M-RoPE and the like) or with FlashInfer's RoPE."""
+    if not HAS_NORM_ROPE_KERNELS or not isinstance(rope, RotaryEmbedding):
+        return None
+    cls = type(rope)
+    for name in ("forward_static", "forward_native", "forward_cuda", "forward_cpu"):
+        if getattr(cls, name, None) is not getattr(RotaryEmbedding, name, None):
+            return None
+    if getattr(rope, "use_flashinfer", False):
+        return None
+    return int(rope.head_size), bool(rope.is_neox_style)
+
+
+def rope_keys_kernel(
+    positions: torch.Tensor,
+    keys: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    head_size: int,
+    is_neox_style: bool,
+) -> None:
+    """Rotate ``keys`` [N, heads * head_size] in place at ``positions`` [N]
+    (int64) with vLLM's RoPE kernel; ``cos_sin_cache`` in ``keys``' dtype.
+    Keys are passed as the kernel's query (its key argument is None), and as
+    a 2-D tensor: the CPU kernel reads the head count from the last dim."""
+    assert _ops is not None
+    _ops.rotary_embedding(
+        positions, keys, None, head_size, cos_sin_cache, is_neox_style
+    )
 
 
 def with_block_metadata(

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -87,6 +88,18 @@ def uses_target_logits(
     )
 
 
+@dataclass(frozen=True)
+class ContextKeyKernels:
+    """What vLLM's RMSNorm and RoPE kernels need for one layer's context keys
+    (``DFlashAttention.use_context_kernels``)."""
+
+    norm_weight: torch.Tensor  # [head_dim]
+    eps: float
+    cos_sin_cache: torch.Tensor  # [max_position, rotary_dim], the keys' dtype
+    head_size: int
+    is_neox_style: bool
+
+
 class DFlashAttention(nn.Module):
     """Qwen3-style attention (per-head q/k RMSNorm, RoPE) whose KV cache also
     holds K/V projected from the fused target features (``context_kv``)."""
@@ -134,6 +147,23 @@ class DFlashAttention(nn.Module):
             per_layer_sliding_window=layer.sliding_window,
             prefix=f"{prefix}.attn",
         )
+        self.context_kernels: ContextKeyKernels | None = None
+
+    def use_context_kernels(self, dtype: torch.dtype, caches: dict[int, Any]) -> bool:
+        """Finish context keys with vLLM's RMSNorm and RoPE kernels from now on,
+        where they compute what ``k_norm`` and ``rotary_emb`` do. ``caches``
+        (id of a cos/sin cache -> that cache in ``dtype``) is shared by the
+        layers: get_rope hands them one module, whose cache can be large."""
+        norm = compat.kernel_rms_norm_of(self.k_norm)
+        rope = compat.kernel_rope_of(self.rotary_emb)
+        if norm is None or rope is None:
+            self.context_kernels = None
+            return False
+        cache = self.rotary_emb.cos_sin_cache
+        if cache.dtype != dtype:
+            cache = caches.setdefault(id(cache), cache.to(dtype))
+        self.context_kernels = ContextKeyKernels(*norm, cache, *rope)
+        return True
 
     def _norm_heads(self, x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
         # x: [T, heads * head_dim] -> per-head RMSNorm -> same shape
@@ -159,10 +189,27 @@ class DFlashAttention(nn.Module):
         context tokens' own positions (as the block's own keys are).
         """
         k, v = kv.split([self.kv_size, self.kv_size], dim=-1)
-        k = self._norm_heads(k.contiguous(), self.k_norm)
-        k, _ = self.rotary_emb(positions, k, None)
         shape = (-1, self.num_kv_heads, self.head_dim)
-        return k.reshape(shape), v.reshape(shape)
+        kernels = self.context_kernels
+        if kernels is None:
+            k = self._norm_heads(k.contiguous(), self.k_norm)
+            k, _ = self.rotary_emb(positions, k, None)
+            return k.reshape(shape), v.reshape(shape)
+        # Outside the compiled block forward the modules run their PyTorch
+        # references (about 15 small kernels a layer, in every CUDA graph of
+        # the step); vLLM's kernels do it in two.
+        # [N, kv] -> [N * kv_heads, head_dim] -> normed -> [N, kv] -> RoPE
+        k = compat.rms_norm_kernel(
+            k.contiguous().view(-1, self.head_dim), kernels.norm_weight, kernels.eps
+        ).view(-1, self.kv_size)
+        compat.rope_keys_kernel(
+            positions,
+            k,
+            kernels.cos_sin_cache,
+            kernels.head_size,
+            kernels.is_neox_style,
+        )
+        return k.view(shape), v.reshape(shape)
 
 
 class DFlashMLP(nn.Module):
@@ -320,6 +367,9 @@ class DFlashDraftModel(nn.Module):
         self._ctx_kv_weight: torch.Tensor | None = None
         self._ctx_kv_bias: torch.Tensor | None = None
         self._ctx_kv_stacked: bool | None = None
+        # (weight, eps) of hidden_norm for vLLM's RMSNorm kernel; None: the
+        # module. Chosen with the layers' key kernels (_prepare_context).
+        self._hidden_norm_kernel: tuple[torch.Tensor, float] | None = None
 
     # -- wiring to the target ---------------------------------------------
     def bind_target(self, target: nn.Module) -> None:
@@ -390,6 +440,22 @@ class DFlashDraftModel(nn.Module):
         layers: list[DFlashDecoderLayer] = list(self.model.layers)  # type: ignore[arg-type]
         return [layer.self_attn for layer in layers]
 
+    def _prepare_context(self, dtype: torch.dtype) -> None:
+        """Once weights exist (at the first context write, the memory-profiling
+        run, before any CUDA graph is captured): stack the K/V projections and
+        choose vLLM's kernels for the norms and RoPE where they compute what
+        the modules do."""
+        self._stack_kv_projections()
+        self._hidden_norm_kernel = compat.kernel_rms_norm_of(self.hidden_norm)
+        caches: dict[int, Any] = {}
+        fused = [a.use_context_kernels(dtype, caches) for a in self._attn_layers()]
+        logger.debug(
+            "vllm-dflash: context path with vLLM's norm/RoPE kernels: hidden_norm "
+            "%s, layers %s",
+            self._hidden_norm_kernel is not None,
+            fused,
+        )
+
     def _stack_kv_projections(self) -> None:
         """Stack every layer's K/V projection into one weight, when the weights
         are plain matrices. Quantized or repacked weights (vLLM's CPU linear
@@ -430,7 +496,9 @@ class DFlashDraftModel(nn.Module):
     def fuse_context(self, target_hidden: torch.Tensor) -> torch.Tensor:
         # [N, n*d_target] -> fc -> hidden_norm -> [N, d]
         fused, _ = self.fc(target_hidden)
-        return self.hidden_norm(fused)
+        if self._hidden_norm_kernel is None:
+            return self.hidden_norm(fused)
+        return compat.rms_norm_kernel(fused, *self._hidden_norm_kernel)
 
     def store_context_kv(
         self,
@@ -443,7 +511,7 @@ class DFlashDraftModel(nn.Module):
         layers, or one per layer when the layers sit in different KV cache
         groups; None: compute only, as in memory profiling)."""
         if self._ctx_kv_stacked is None:
-            self._stack_kv_projections()
+            self._prepare_context(target_hidden.dtype)
         attns = self._attn_layers()
         if slot_mapping is None or isinstance(slot_mapping, torch.Tensor):
             slots: Sequence[torch.Tensor | None] = [slot_mapping] * len(attns)

@@ -19,11 +19,9 @@ pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="module")
-def first_step(
-    models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+def record_first_step(
+    models: dict[str, Path], out: Path, modules_only: bool = False
 ) -> dict:
-    out = tmp_path_factory.mktemp("record") / "first_step.pt"
     prompt = tiny.prompts(1, min_len=23, max_len=23, seed=7)[0]
     result = run(
         EngineSpec(
@@ -35,6 +33,7 @@ def first_step(
             worker_hook="tests.e2e.recorder:record_first_step",
             env={
                 "DFLASH_RECORD_PATH": str(out),
+                "DFLASH_RECORD_MODULES": "1" if modules_only else "0",
                 "PYTHONPATH": os.pathsep.join(
                     [str(REPO), os.environ.get("PYTHONPATH", "")]
                 ),
@@ -43,6 +42,13 @@ def first_step(
     )
     assert result.drafter_class == "vllm_dflash.proposer.DFlashProposer"
     return {"prompt": prompt, **torch.load(out)}
+
+
+@pytest.fixture(scope="module")
+def first_step(
+    models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> dict:
+    return record_first_step(models, tmp_path_factory.mktemp("record") / "step.pt")
 
 
 def hf_hidden_states(target_dir: Path, prompt: list[int]) -> tuple[torch.Tensor, ...]:
@@ -85,3 +91,19 @@ def test_draft_logits_match_plain_pytorch_dflash(
     )
     torch.testing.assert_close(logits, expected, atol=2e-3, rtol=2e-3)
     assert first_step["drafts"].tolist() == [expected.argmax(-1).tolist()]
+    # hidden_norm and every layer's context keys ran on vLLM's kernels
+    kernels = first_step["context_kernels"]
+    assert len(kernels) > 2 and all(kernels)
+
+
+def test_draft_logits_match_on_the_modules_own_forward(
+    first_step: dict, models: dict, tmp_path: Path
+) -> None:
+    """The path for norms and RoPE vLLM's kernels do not cover gives the same
+    logits."""
+    modules = record_first_step(models, tmp_path / "step.pt", modules_only=True)
+    assert not any(modules["context_kernels"])
+    assert modules["target_hidden_states"].equal(first_step["target_hidden_states"])
+    torch.testing.assert_close(
+        modules["logits"], first_step["logits"], atol=2e-3, rtol=2e-3
+    )
