@@ -21,9 +21,10 @@ maximise expected output tokens per second:
   and by K itself): the time between consecutive outputs of the engine,
   which in steady state is one step of target verify + drafting + host work
   (steps that switch K are not samples: they draft for the other K). Each
-  batch bucket measures its candidates (``min_samples`` steps, from K = 0
-  up, skipping a K whose floor already rules it out), then re-measures the
-  best choice's neighbours every ``refresh_every`` decisions. Costs are
+  batch bucket measures its candidates (``min_samples`` steps; first the K
+  of the nearest measured bucket, then from K = 0 up, skipping a K whose
+  floor already rules it out), then re-measures the best choice's
+  neighbours every ``refresh_every`` decisions. Costs are
   not shared across batch sizes or K through a token count: the same number
   of verified tokens costs different times at different batch sizes
   (attention reads every request's context; the drafter's context grows
@@ -201,25 +202,33 @@ class StepCost:
         return self._estimates().get((batch_bucket(batch), k))
 
     def lower_bound(self, batch: int, k: int) -> float | None:
-        """A floor for a step with ``k`` drafts from the measured smaller K
-        (>= 1) of the batch: step time is convex in the verified tokens (flat
-        while weight reads dominate, then linear), so it grows at least at
-        the slope between the two largest of them. None where nothing with
-        drafts was measured below ``k``: K 0 skips the drafter on V1, so it
-        says nothing about the slope."""
+        """A floor for a step with ``k`` drafts at this batch from the other
+        measured keys; None where none applies.
+
+        - Less work never takes longer: a key with no more requests (this
+          bucket or a smaller one) and no more drafts bounds it from below.
+          K 0 stands only for K 0: on the V2 runner a K 0 step writes the
+          drafter's context outside any graph and can read slower than K 1.
+        - Step time is convex in the verified tokens (flat while weight reads
+          dominate, then linear): past the two largest measured K >= 1 of the
+          bucket it grows at least at their slope.
+        """
         bucket = batch_bucket(batch)
+        table = self._estimates()
+        floors = [
+            t
+            for (b2, k2), t in table.items()
+            if b2 <= bucket
+            and (k2 == k == 0 or 1 <= k2 <= k)
+            and (b2, k2) != (bucket, k)
+        ]
         below = sorted(
-            (k2, t)
-            for (b2, k2), t in self._estimates().items()
-            if b2 == bucket and 1 <= k2 < k
+            (k2, t) for (b2, k2), t in table.items() if b2 == bucket and 1 <= k2 < k
         )
-        if not below:
-            return None
-        k1, t1 = below[-1]
-        if len(below) == 1:
-            return t1
-        k0, t0 = below[-2]
-        return t1 + max(0.0, (t1 - t0) / (k1 - k0)) * (k - k1)
+        if len(below) >= 2:
+            (k0, t0), (k1, t1) = below[-2:]
+            floors.append(t1 + max(0.0, (t1 - t0) / (k1 - k0)) * (k - k1))
+        return max(floors, default=None)
 
     def count(self, batch: int, k: int) -> int:
         return len(self.recent.get((batch_bucket(batch), k), ()))
@@ -312,9 +321,11 @@ class AdaptiveDraftLength:
         A new batch bucket first runs the K the nearest measured bucket
         would run (``explore_after`` decisions; the first bucket of all has
         none and measures at once). It then measures its candidates
-        (``min_samples`` steps each) from K = 0 up, each only while it could
-        still win: its expected tokens over the floor of its step time
-        (``StepCost.lower_bound``) must beat the best measured K. Once
+        (``min_samples`` steps each), that K first and then from K = 0 up,
+        each only while it could still win: its expected tokens over the
+        floor of its step time (``StepCost.lower_bound``: what less work
+        cost here or at smaller batches, and the slope in K) must beat the
+        best measured K. Once
         measured, the bucket runs the best K and re-measures a neighbour of
         it for a few steps every ``refresh_every`` decisions, so the table
         follows costs that drift (longer contexts, another tenant on the GPU)
@@ -322,16 +333,14 @@ class AdaptiveDraftLength:
         """
         bucket = batch_bucket(batch)
         self._visits[bucket] += 1
-        if bucket not in self._measured and self._visits[bucket] <= self.explore_after:
-            donor = min(
-                self._measured,
-                key=lambda b: abs(math.log(b / bucket)),
-                default=None,
-            )
-            if donor is not None:
-                return self._best_measured(donor)[0]
+        donor = self._donor(bucket)
+        if donor is not None and self._visits[bucket] <= self.explore_after:
+            return donor
         best_k, best = self._best_measured(batch)
-        for k in self.ks:
+        # The donor's K first: once it is measured, the floors of the others
+        # (mostly from smaller buckets) rule out those that cannot beat it.
+        order = self.ks if donor is None else (donor, *self.ks)
+        for k in order:
             if self.cost.count(batch, k) >= self.min_samples:
                 continue
             floor = self.cost.lower_bound(batch, k)
@@ -349,6 +358,16 @@ class AdaptiveDraftLength:
             if 0 <= j < len(self.ks):
                 return self.ks[j]
         return best_k
+
+    def _donor(self, bucket: int) -> int | None:
+        """The K the nearest measured bucket runs (None before any bucket is
+        measured, and for a measured bucket itself)."""
+        if bucket in self._measured:
+            return None
+        nearest = min(
+            self._measured, key=lambda b: abs(math.log(b / bucket)), default=None
+        )
+        return None if nearest is None else self._best_measured(nearest)[0]
 
     def _best_measured(self, batch: int) -> tuple[int, float]:
         """The measured K (``min_samples`` steps) with the highest expected
