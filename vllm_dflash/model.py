@@ -161,7 +161,9 @@ class DFlashAttention(nn.Module):
             return False
         cache = self.rotary_emb.cos_sin_cache
         if cache.dtype != dtype:
-            cache = caches.setdefault(id(cache), cache.to(dtype))
+            if id(cache) not in caches:
+                caches[id(cache)] = cache.to(dtype)
+            cache = caches[id(cache)]
         self.context_kernels = ContextKeyKernels(*norm, cache, *rope)
         return True
 
