@@ -479,11 +479,11 @@ def test_a_compute_bound_batch_skips_ks_that_cannot_win() -> None:
 
 def test_tail_buckets_past_explore_after_skip_ks_smaller_batches_rule_out() -> None:
     """On the H200 (Qwen3-8B shape, batch 8, decaying acceptance) the tails
-    of later passes measured K 0 and K 1 at batch 6 and 3 (27 steps of one
-    output token a request where K 15 gave 4.8): adaptive reached 0.85x of
-    fixed K 15. Batch 1 had measured K 0 at 5.8 ms and K 1 at 6.4 ms; six
-    requests take no less, and at that cost neither can beat the K 15 the
-    tail bucket measures first."""
+    of later passes measured K 0 and K 1 at batches 6, 3 and 1 (24 steps of
+    one output token a request where K 15 gave 4.8): adaptive reached 0.85x
+    of fixed K 15. Once batch 1 has measured K 0 and K 1 (that run ended
+    with 5.8 and 6.4 ms), six requests take no less, and at that cost
+    neither can beat the K 15 a tail bucket now measures first."""
     load = dict(seconds=lambda n: 0.0065 + 0.00001 * n, conditional=DECAYING)
     passes = [1] * 60 + ([8] * 40 + [6, 6, 6, 4, 4, 3, 2, 1]) * 12
     policy = AdaptiveDraftLength(15)
