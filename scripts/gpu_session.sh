@@ -38,6 +38,7 @@ case "$1" in
     fi
     if python3 -c 'import pytest' 2>/dev/null; then
       timeout 300 python3 -m pytest -q -p no:cacheprovider tests/unit/test_speculator.py \
+        tests/unit/test_context_kernels.py \
         > "$OUT/unit.log" 2>&1
       echo "unit rc=$?"
       tail -n 5 "$OUT/unit.log"

@@ -19,6 +19,8 @@ pytestmark = pytest.mark.skipif(
 
 HEAD = 64
 HEADS = 4
+# The CUDA build registers these ops for CUDA tensors only (the H200 run).
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @pytest.fixture(autouse=True)
@@ -37,7 +39,7 @@ def rope(neox: bool = True, **params: Any) -> Any:
         rope_parameters=params,
         is_neox_style=neox,
         dtype=torch.float32,
-    )
+    ).to(DEVICE)
 
 
 @pytest.mark.parametrize(
@@ -63,8 +65,8 @@ def test_rope_kernel_equals_the_module(module: Any) -> None:
     found = compat.kernel_rope_of(r)
     assert found == (HEAD, r.is_neox_style)
     torch.manual_seed(0)
-    positions = torch.randint(0, 512, (7,))
-    keys = torch.randn(7, HEADS * HEAD)
+    positions = torch.randint(0, 512, (7,), device=DEVICE)
+    keys = torch.randn(7, HEADS * HEAD, device=DEVICE)
     expected, _ = r.forward_native(positions, keys.clone(), None)
     assert not torch.allclose(expected, keys, atol=1e-3)  # it rotates something
     rotated = keys.clone()
@@ -85,12 +87,13 @@ def test_rope_with_its_own_forward_is_refused() -> None:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rms_norm_kernel_equals_the_module(dtype: torch.dtype) -> None:
-    norm = compat.RMSNorm(HEAD, eps=1e-6).to(dtype)
+    norm = compat.RMSNorm(HEAD, eps=1e-6).to(DEVICE, dtype)
     with torch.no_grad():
         norm.weight.copy_(torch.linspace(0.5, 1.5, HEAD))
     found = compat.kernel_rms_norm_of(norm)
     assert found is not None and found[1] == 1e-6
-    x = torch.randn(9, HEADS * HEAD, dtype=dtype)[:, :HEAD]  # strided rows
+    rows = torch.randn(9, HEADS * HEAD, dtype=dtype, device=DEVICE)
+    x = rows[:, :HEAD]  # strided rows
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(
         compat.rms_norm_kernel(x, *found), norm.forward_native(x), atol=tol, rtol=tol
