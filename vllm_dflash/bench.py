@@ -720,7 +720,8 @@ def plot(rows: list[BenchRow], path: Path, title: str) -> None:
         ax.set_xscale("log", base=2)
         ax.set_xlabel("batch size")
         ax.set_ylabel(label)
-        ax.legend(fontsize="small")
+        if ax.get_legend_handles_labels()[0]:  # no speedups without `none`
+            ax.legend(fontsize="small")
         ax.grid(alpha=0.3)
     fig.suptitle(title)
     fig.tight_layout()
