@@ -23,8 +23,13 @@ maximise expected output tokens per second:
   (steps that switch K are not samples: they draft for the other K). Each
   batch bucket measures its candidates (``min_samples`` steps; first the K
   of the nearest measured bucket, then from K = 0 up, skipping a K whose
-  floor already rules it out), then re-measures the best choice's
-  neighbours every ``refresh_every`` decisions. Costs are
+  floor already rules it out), then re-measures its rivals one at a time,
+  the longest unmeasured first: soon after the first measurement, then at
+  doubling intervals up to every ``refresh_every`` decisions. A key's
+  samples are only as good as the phase they were taken in: on the H200 a
+  Gemma 4 batch-64 bucket measured K 3 once (19.1 ms), ran K 15 from then
+  on, re-measured only K 15's neighbour K 7, and reached 0.76x of fixed K 3.
+  A re-measurement replaces the key's samples. Costs are
   not shared across batch sizes or K through a token count: the same number
   of verified tokens costs different times at different batch sizes
   (attention reads every request's context; the drafter's context grows
@@ -54,18 +59,23 @@ from typing import Any
 from vllm_dflash.log import get_logger
 
 # Every (batch bucket, K) is measured this many times before the policy
-# trusts its table, and the best choice's neighbours are re-measured every
-# REFRESH_EVERY decisions of a batch bucket.
+# trusts its table. A measured bucket re-measures one rival of its best K
+# REFRESH_FIRST decisions later, then at intervals that double up to
+# REFRESH_EVERY: a bucket's first steps are the likeliest to be unusual (the
+# engine's first batch of a shape), and a re-measurement costs its
+# MIN_SAMPLES + 1 steps at a K that is probably worse.
 MIN_SAMPLES = 3
+REFRESH_FIRST = 32
 REFRESH_EVERY = 128
+# Rivals are the best K's neighbours (so that a K a floor ruled out gets
+# measured once its neighbour is best) and every measured K whose expected
+# throughput is at least this fraction of the best's.
+RIVAL_FRACTION = 0.5
 # A batch bucket runs the K of the nearest measured bucket for this many
 # decisions before it measures its own candidates: exploring costs about
 # 5 steps per K, which pays only where a load stays. A benchmark pass's tail
 # (requests finishing one by one) and a passing burst never reach it.
 EXPLORE_AFTER = 16
-# Consecutive steps of a re-measurement: the first drafts for the new K while
-# verifying the old one, so it is no sample; the next two are.
-REFRESH_STEPS = 3
 # A key's cost is the median of its last WINDOW samples.
 WINDOW = 8
 # Runs of equal decisions kept for ``snapshot()["trace"]`` (the order of
@@ -181,6 +191,9 @@ class StepCost:
 
     seen: Counter[Key] = field(default_factory=Counter)
     recent: dict[Key, deque[float]] = field(default_factory=dict)
+    # The sample number of each key's newest sample (its age, in samples).
+    newest: dict[Key, int] = field(default_factory=dict)
+    samples: int = 0
     # The capped estimates, rebuilt after a new sample (the scheduler asks
     # for them several times per step; samples arrive at most once per step).
     _table: dict[Key, float] | None = field(default=None, repr=False, compare=False)
@@ -190,7 +203,20 @@ class StepCost:
         self.seen[key] += 1
         if self.seen[key] > 1:
             self.recent.setdefault(key, deque(maxlen=WINDOW)).append(seconds)
+            self.samples += 1
+            self.newest[key] = self.samples
             self._table = None
+
+    def forget(self, batch: int, k: int) -> None:
+        """Drop a key's samples before it is re-measured: the new ones
+        replace them rather than mix with samples from another phase."""
+        key = (batch_bucket(batch), k)
+        if self.recent.pop(key, None) is not None:
+            self._table = None
+
+    def age(self, batch: int, k: int) -> int:
+        """The sample number of the key's newest sample; -1 if none."""
+        return self.newest.get((batch_bucket(batch), k), -1)
 
     def _estimates(self) -> dict[Key, float]:
         if self._table is None:
@@ -280,6 +306,7 @@ class AdaptiveDraftLength:
         k_max: int,
         *,
         min_samples: int = MIN_SAMPLES,
+        refresh_first: int = REFRESH_FIRST,
         refresh_every: int = REFRESH_EVERY,
         explore_after: int = EXPLORE_AFTER,
         acceptance: AcceptanceEstimate | None = None,
@@ -287,6 +314,7 @@ class AdaptiveDraftLength:
         self.k_max = k_max
         self.ks = candidate_ks(k_max)
         self.min_samples = min_samples
+        self.refresh_first = refresh_first
         self.refresh_every = refresh_every
         self.explore_after = explore_after
         self.acceptance = acceptance or AcceptanceEstimate(k_max)
@@ -298,6 +326,10 @@ class AdaptiveDraftLength:
         self._visits: Counter[int] = Counter()  # choices per batch bucket
         self._measured: set[int] = set()  # buckets past their exploration
         self._since_measured: Counter[int] = Counter()  # choices since then
+        # Per measured bucket: the choice count of its next re-measurement and
+        # the interval before it; the K being re-measured and steps left.
+        self._next_refresh: dict[int, tuple[int, int]] = {}
+        self._refreshing: dict[int, tuple[int, int]] = {}
         self._last_output_s: float | None = None
 
     # -- the decision -----------------------------------------------------
@@ -325,17 +357,23 @@ class AdaptiveDraftLength:
         each only while it could still win: its expected tokens over the
         floor of its step time (``StepCost.lower_bound``: what less work
         cost here or at smaller batches, and the slope in K) must beat the
-        best measured K. Once
-        measured, the bucket runs the best K and re-measures a neighbour of
-        it for a few steps every ``refresh_every`` decisions, so the table
-        follows costs that drift (longer contexts, another tenant on the GPU)
-        and a K ruled out by a floor gets measured once its neighbour is best.
+        best measured K. Once measured, the bucket runs the best K and now
+        and then re-measures a rival (``_refresh``), so the table follows
+        costs that drift (longer contexts, another tenant on the GPU, a
+        first batch slower than the rest) and a K ruled out by a floor gets
+        measured once its neighbour is best.
         """
         bucket = batch_bucket(batch)
         self._visits[bucket] += 1
         donor = self._donor(bucket)
         if donor is not None and self._visits[bucket] <= self.explore_after:
             return donor
+        refreshing = self._refreshing.pop(bucket, None)
+        if refreshing is not None:
+            k, left = refreshing
+            if left > 1:
+                self._refreshing[bucket] = (k, left - 1)
+            return k
         best_k, best = self._best_measured(batch)
         # The donor's K first: once it is measured, the floors of the others
         # (mostly from smaller buckets) rule out those that cannot beat it.
@@ -349,15 +387,35 @@ class AdaptiveDraftLength:
                 return k
         self._measured.add(bucket)
         self._since_measured[bucket] += 1
+        return self._refresh(batch, best_k, best)
+
+    def _refresh(self, batch: int, best_k: int, best: float) -> int:
+        """``best_k``, or at the bucket's next re-measurement the rival
+        measured longest ago (its samples forgotten, then ``min_samples + 1``
+        steps of it: the first drafts for it while verifying the previous K,
+        so it is no sample)."""
+        bucket = batch_bucket(batch)
         n = self._since_measured[bucket]
-        if n >= self.refresh_every and n % self.refresh_every < REFRESH_STEPS:
-            # Re-measure a neighbour of the best, alternating below and above,
-            # for long enough to get steady-state samples.
-            i = self.ks.index(best_k)
-            j = i + 1 if (n // self.refresh_every) % 2 else i - 1
-            if 0 <= j < len(self.ks):
-                return self.ks[j]
-        return best_k
+        due, gap = self._next_refresh.setdefault(
+            bucket, (self.refresh_first, self.refresh_first)
+        )
+        if n < due:
+            return best_k
+        gap = min(2 * gap, self.refresh_every)
+        self._next_refresh[bucket] = (n + gap, gap)
+        i = self.ks.index(best_k)
+        rivals = [
+            k
+            for j, k in enumerate(self.ks)
+            if abs(j - i) == 1
+            or (k != best_k and self.throughput(batch, k) >= RIVAL_FRACTION * best)
+        ]
+        if not rivals:
+            return best_k
+        k = min(rivals, key=lambda k: (self.cost.age(batch, k), k))
+        self.cost.forget(batch, k)
+        self._refreshing[bucket] = (k, self.min_samples)
+        return k
 
     def _donor(self, bucket: int) -> int | None:
         """The K the nearest measured bucket runs (None before any bucket is
@@ -437,8 +495,9 @@ class AdaptiveDraftLength:
         """What the policy has decided and measured so far (JSON-ready), for
         the benchmark and for debugging a choice: steps per K (all batch
         sizes, and per batch bucket), the median step time per (batch bucket,
-        K) in ms with its sample count, the conditional acceptance per
-        position, and the last TRACE_RUNS runs of equal decisions in order."""
+        K) in ms with its sample count and the samples, the conditional
+        acceptance per position, and the last TRACE_RUNS runs of equal
+        decisions in order."""
         return {
             "steps": self.steps,
             "steps_per_k": {str(k): n for k, n in self.steps_per_k().items()},
@@ -450,6 +509,13 @@ class AdaptiveDraftLength:
             # "b8/K7": median ms of batch bucket 8's K 7 steps, sample count.
             "step_ms": {
                 f"b{bucket}/K{k}": [round(1e3 * statistics.median(v), 3), len(v)]
+                for (bucket, k), v in sorted(self.cost.recent.items())
+                if v
+            },
+            # "b8/K7": the samples behind it, oldest first (ms), to tell a
+            # steady cost from a bimodal one that the median hides.
+            "step_samples_ms": {
+                f"b{bucket}/K{k}": [round(1e3 * x, 3) for x in v]
                 for (bucket, k), v in sorted(self.cost.recent.items())
                 if v
             },
