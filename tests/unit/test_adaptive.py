@@ -289,12 +289,12 @@ def test_rivals_measured_in_a_slow_phase_are_re_measured() -> None:
     """On the H200 a Gemma 4 batch-64 bucket measured K 3 in a slow phase
     (19.1 ms, where fixed K 3 runs at about 16-17 ms), ran K 15 from then on
     and re-measured only K 15's neighbour K 7: 0.76x of fixed K 3. Every
-    rival is now re-measured in turn, the one measured longest ago first,
-    and its new samples replace the old ones."""
+    rival is now re-measured in turn, the closest to the best first, and its
+    new samples replace the old ones."""
     policy = AdaptiveDraftLength(15, acceptance=AcceptanceEstimate(15, prior=0.8))
     true = {0: 0.007, 1: 0.0098, 3: 0.0155, 7: 0.027, 15: 0.0274}
     # Expected tokens per ms at these costs: K 3 0.190, K 1 0.184, K 15 0.177.
-    for k, seconds in true.items():  # K <= 3 measured 30% dear, in that order
+    for k, seconds in true.items():  # K <= 3 measured 30% dear
         for _ in range(1 + MIN_SAMPLES):  # a key's first step is no sample
             policy.cost.observe(64, k, seconds * (1.3 if k <= 3 else 1.0))
     chosen = []
@@ -304,13 +304,37 @@ def test_rivals_measured_in_a_slow_phase_are_re_measured() -> None:
         policy.cost.observe(64, k, true[k])
     runs = [(k, len(list(steps))) for k, steps in itertools.groupby(chosen)]
     # K 15 first; then at 32, 96, 224 and 352 decisions (intervals doubling
-    # up to refresh_every) 1 + MIN_SAMPLES steps of the rival measured
-    # longest ago: K 0 (stays worse), K 1 (better: the new best), K 3 (the
-    # best), then K 7, K 3's neighbour, measured longest ago.
+    # up to refresh_every) 1 + MIN_SAMPLES steps of a rival, closest first:
+    # K 7 (stays worse), K 3 (the new best, a new round), then K 3's
+    # closest rivals K 15 and K 7.
     assert runs == [
-        (15, 31), (0, 4), (15, 63), (1, 131), (3, 131), (7, 4), (3, 36),
+        (15, 31), (7, 4), (15, 63), (3, 131), (15, 4), (3, 127), (7, 4), (3, 36),
     ], runs  # fmt: skip
     assert policy.cost.estimate(64, 3) == pytest.approx(true[3])
+
+
+def test_the_closest_rival_is_re_measured_first() -> None:
+    """On the H200 a Gemma 4 batch-8 bucket measured K 15 in the engine's
+    slow first pass (9.6 ms, where the fixed engines' K 7 and K 15 steps
+    cost the same) and ran K 7; its one re-measurement went to K 3, measured
+    longer ago but far behind, and K 15 was never measured again: 0.91x of
+    fixed K 15. The closest rival now goes first."""
+    policy = AdaptiveDraftLength(15, acceptance=AcceptanceEstimate(15, prior=0.8))
+    true = {0: 0.0049, 1: 0.0066, 3: 0.0072, 7: 0.00745, 15: 0.0075}
+    for k, seconds in true.items():  # K 15 last, in a slow phase
+        for _ in range(1 + MIN_SAMPLES):
+            policy.cost.observe(8, k, seconds * (1.28 if k == 15 else 1.0))
+    assert policy.throughput(8, 7) > policy.throughput(8, 15)
+    chosen = []
+    for _ in range(200):
+        k = policy[8]
+        chosen.append(k)
+        policy.cost.observe(8, k, true[k])
+    runs = [(k, len(list(steps))) for k, steps in itertools.groupby(chosen)]
+    # At 32 decisions K 15 (4.1k expected tokens/s against K 3's 3.3k) is
+    # re-measured and is the best from then on; at 96, K 7 is re-measured.
+    assert runs == [(7, 31), (15, 67), (7, 4), (15, 98)], runs
+    assert policy.cost.estimate(8, 15) == pytest.approx(true[15])
 
 
 def test_injection_only_for_dflash_with_the_switch(
