@@ -285,6 +285,19 @@ def test_every_k_of_a_batch_is_measured_from_k0_up() -> None:
     assert policy.choose(8) == 0
 
 
+def runs_at_true_costs(
+    policy: AdaptiveDraftLength, batch: int, true: dict[int, float], steps: int
+) -> list[tuple[int, int]]:
+    """Drive ``policy`` for ``steps`` decisions at one batch, each step
+    costing its K's true seconds; the chosen K as (K, run length) runs."""
+    chosen = []
+    for _ in range(steps):
+        k = policy[batch]
+        chosen.append(k)
+        policy.cost.observe(batch, k, true[k])
+    return [(k, len(list(run))) for k, run in itertools.groupby(chosen)]
+
+
 def test_rivals_measured_in_a_slow_phase_are_re_measured() -> None:
     """On the H200 a Gemma 4 batch-64 bucket measured K 3 in a slow phase
     (19.1 ms, where fixed K 3 runs at about 16-17 ms), ran K 15 from then on
@@ -297,12 +310,7 @@ def test_rivals_measured_in_a_slow_phase_are_re_measured() -> None:
     for k, seconds in true.items():  # K <= 3 measured 30% dear
         for _ in range(1 + MIN_SAMPLES):  # a key's first step is no sample
             policy.cost.observe(64, k, seconds * (1.3 if k <= 3 else 1.0))
-    chosen = []
-    for _ in range(400):
-        k = policy[64]
-        chosen.append(k)
-        policy.cost.observe(64, k, true[k])
-    runs = [(k, len(list(steps))) for k, steps in itertools.groupby(chosen)]
+    runs = runs_at_true_costs(policy, 64, true, 400)
     # K 15 first; then at 32, 96, 224 and 352 decisions (intervals doubling
     # up to refresh_every) 1 + MIN_SAMPLES steps of a rival, closest first:
     # K 7 (stays worse), K 3 (the new best, a new round), then K 3's
@@ -325,12 +333,7 @@ def test_the_closest_rival_is_re_measured_first() -> None:
         for _ in range(1 + MIN_SAMPLES):
             policy.cost.observe(8, k, seconds * (1.28 if k == 15 else 1.0))
     assert policy.throughput(8, 7) > policy.throughput(8, 15)
-    chosen = []
-    for _ in range(200):
-        k = policy[8]
-        chosen.append(k)
-        policy.cost.observe(8, k, true[k])
-    runs = [(k, len(list(steps))) for k, steps in itertools.groupby(chosen)]
+    runs = runs_at_true_costs(policy, 8, true, 200)
     # At 32 decisions K 15 (4.1k expected tokens/s against K 3's 3.3k) is
     # re-measured and is the best from then on; at 96, K 7 is re-measured.
     assert runs == [(7, 31), (15, 67), (7, 4), (15, 98)], runs
