@@ -391,10 +391,10 @@ class AdaptiveDraftLength:
         Rivals are re-measured in rounds, one per re-measurement: the
         closest to the best in expected throughput first, each once, and a
         new round when the round is done or the best K changes. The closest
-        rival is the one a cost sampled in a slow phase most likely hides:
-        on the H200 a Gemma 4 batch-8 bucket ran K 7 on a K 15 cost from the
-        engine's slow first batch and re-measured K 3 (measured longer ago,
-        but 28% behind) instead (0.91x of fixed K 15)."""
+        rival is the one a cost sampled in a slow phase most likely hides
+        (docs/adaptive.md, Measured: Gemma 4 at batch 8). A neighbour never
+        measured (a floor ruled it out) has no expected throughput and goes
+        last in its round."""
         bucket = batch_bucket(batch)
         n = self._since_measured[bucket]
         due, gap = self._next_refresh.setdefault(
