@@ -344,6 +344,8 @@ class BenchSpec:
     repeats: int = 3
     """Timed passes per batch (fresh prompts each); the row's rate is the
     median pass's. The long request runs once."""
+    memory_share: float = 1.0
+    """This engine's share of the device (``--interleave``: 1 / modes)."""
 
 
 @dataclass
@@ -370,6 +372,9 @@ class BenchRow:
     """Each timed pass's rate, in order; ``tok_per_s`` is their median, and
     ``tokens`` / ``seconds`` / the acceptance length / the adaptive steps are
     over all of them."""
+    pass_start_s: list[float] = field(default_factory=list)
+    """Wall-clock start of each timed pass (Unix seconds): with
+    ``--interleave`` it shows the modes' passes alternating."""
 
 
 def _spec_metrics(llm: Any) -> tuple[float, float]:
@@ -410,19 +415,128 @@ def _policy_delta(
     return delta
 
 
-def _memory_utilization() -> float:
-    """0.85 of a GPU; on CPU vLLM sizes the KV cache from host memory: 0.15."""
+def _memory_utilization(share: float = 1.0) -> float:
+    """This engine's share of 0.85 of a GPU (0.9 when engines share one: each
+    holds the whole model, and a smaller KV cache would limit the batch); on
+    CPU vLLM sizes the KV cache from host memory: 0.15 of it."""
     import torch
 
-    return 0.85 if torch.cuda.is_available() else 0.15
+    if not torch.cuda.is_available():
+        return 0.15 * share
+    return (0.85 if share == 1.0 else 0.9) * share
 
 
-def _worker(spec: BenchSpec) -> list[BenchRow]:
-    """Run every batch size of one mode in this process."""
-    import random
+class _Engine:
+    """One mode's engine, timed batch by batch: ``begin`` (the untimed
+    warm-up), ``timed_pass`` (one pass over fresh prompts, as often as the run
+    asks) and ``end`` (the row). The sequential worker (``_worker``) and the
+    interleaved one (``_serve``) drive it the same way, so both draw the same
+    prompts in the same order: every mode of a run sees identical inputs."""
 
-    from vllm import LLM, SamplingParams
+    def __init__(self, spec: BenchSpec) -> None:
+        import random
 
+        from vllm import LLM
+
+        self.spec = spec
+        self.llm = LLM(**_engine_kwargs(spec))
+        self.runner: str = self.llm.collective_rpc(runner_version)[0]
+        self.rng = random.Random(0)
+        vocab = json.loads(Path(spec.target, "config.json").read_text())["vocab_size"]
+        self.token_range = (min(1000, vocab // 4), min(30000, vocab // 2))
+        self._batch = 0
+        self._output_len = 0
+        self._warm_tok_per_s = 0.0
+        self._metrics_before = (0.0, 0.0)
+        self._policy_before: dict[str, Any] | None = None
+        self._passes: list[tuple[int, float]] = []
+        self._pass_starts: list[float] = []
+        self.last_prompts: Any = None
+
+    def _prompts(self, n: int) -> Any:
+        low, high = self.token_range
+        return [
+            {
+                "prompt_token_ids": [
+                    self.rng.randrange(low, high) for _ in range(self.spec.prompt_len)
+                ]
+            }
+            for _ in range(n)
+        ]
+
+    def _params(self, max_tokens: int) -> Any:
+        from vllm import SamplingParams
+
+        return SamplingParams(
+            max_tokens=max_tokens, temperature=0.0, ignore_eos=True, detokenize=False
+        )
+
+    def begin(self, batch: int, output_len: int) -> None:
+        """Warm up on the whole batch (other prompts, so no prefix-cache hits
+        later): kernels JIT-compiled for this batch's shapes, and the
+        adaptive policy's first measurements at this batch, belong to an
+        engine's start, not to its steady state. The warm-up's own rate is
+        kept in the row."""
+        self._batch, self._output_len = batch, output_len
+        warmup = self._params(min(output_len, self.spec.output_len))
+        tokens, seconds = _timed_generate(self.llm, self._prompts(batch), warmup)
+        self._warm_tok_per_s = tokens / seconds
+        self._metrics_before = _spec_metrics(self.llm)
+        self._policy_before = self.llm.collective_rpc(adaptive_snapshot)[0]
+        self._passes, self._pass_starts = [], []
+
+    def timed_pass(self) -> float:
+        """One timed pass of the current batch over fresh prompts; its tok/s."""
+        self.last_prompts = self._prompts(self._batch)
+        self._pass_starts.append(time.time())
+        tokens, seconds = _timed_generate(
+            self.llm, self.last_prompts, self._params(self._output_len)
+        )
+        self._passes.append((tokens, seconds))
+        return tokens / seconds
+
+    def end(self) -> BenchRow:
+        """The row of the current batch: its passes' median rate, tokens,
+        seconds, tau and the policy's decisions over all of them."""
+        passes = self._passes
+        tokens = sum(n for n, _ in passes)
+        seconds = sum(t for _, t in passes)
+        rates = [n / t for n, t in passes]
+        rate = statistics.median(rates)
+        after = _spec_metrics(self.llm)
+        drafts = after[0] - self._metrics_before[0]
+        tau = 1 + (after[1] - self._metrics_before[1]) / drafts if drafts else None
+        policy = _policy_delta(
+            self._policy_before, self.llm.collective_rpc(adaptive_snapshot)[0]
+        )
+        spread = f", passes {min(rates):.1f}-{max(rates):.1f}" if len(rates) > 1 else ""
+        print(
+            f"[bench] {self.spec.mode:>10} ({self.runner}) batch {self._batch:>3} "
+            f"x {self._output_len} tokens: {rate:9.1f} tok/s ({seconds:.2f} s{spread})"
+            + (f"  tau {tau:.2f}" if tau else "")
+            + (f"  steps per K {policy['steps_per_k']}" if policy else ""),
+            file=sys.stderr,
+            flush=True,
+        )
+        return BenchRow(
+            self.spec.mode,
+            self._batch,
+            tokens,
+            seconds,
+            rate,
+            tau,
+            self.runner,
+            self.spec.k,
+            self._output_len,
+            policy,
+            self._warm_tok_per_s,
+            rates,
+            self._pass_starts,
+        )
+
+
+def _engine_kwargs(spec: BenchSpec) -> dict[str, Any]:
+    """``LLM(...)`` arguments of a mode."""
     from vllm_dflash import support
 
     kwargs: dict[str, Any] = dict(
@@ -433,7 +547,7 @@ def _worker(spec: BenchSpec) -> list[BenchRow]:
         enforce_eager=spec.enforce_eager,
         max_model_len=spec.max_model_len,
         max_num_seqs=max(spec.batch_sizes),
-        gpu_memory_utilization=_memory_utilization(),
+        gpu_memory_utilization=_memory_utilization(spec.memory_share),
         disable_log_stats=False,
     )
     if spec.attention_backend:
@@ -466,86 +580,35 @@ def _worker(spec: BenchSpec) -> list[BenchRow]:
         kwargs["max_num_batched_tokens"] = spec.max_num_batched_tokens or max(
             8192, max(spec.batch_sizes) * (spec.k + 1)
         )
-    llm = LLM(**kwargs)
-    runner = llm.collective_rpc(runner_version)[0]
-    rng = random.Random(0)
-    vocab = json.loads(Path(spec.target, "config.json").read_text())["vocab_size"]
-    low, high = min(1000, vocab // 4), min(30000, vocab // 2)
+    return kwargs
 
-    def random_prompts(n: int) -> Any:
-        return [
-            {
-                "prompt_token_ids": [
-                    rng.randrange(low, high) for _ in range(spec.prompt_len)
-                ]
-            }
-            for _ in range(n)
-        ]
 
-    rows = []
+def _runs(spec: BenchSpec) -> list[tuple[int, int]]:
+    """(batch, output tokens) of every row a mode produces, in order; the long
+    request (one timed pass) last."""
     runs = [(batch, spec.output_len) for batch in spec.batch_sizes]
     if spec.long_output_len:
         runs.append((1, spec.long_output_len))
-    for batch, output_len in runs:
-        params = SamplingParams(
-            max_tokens=output_len, temperature=0.0, ignore_eos=True, detokenize=False
-        )
+    return runs
 
-        # Warm up on the whole batch (other prompts, so no prefix-cache hits
-        # later): kernels JIT-compiled for this batch's shapes, and the
-        # adaptive policy's first measurements at this batch, belong to an
-        # engine's start, not to its steady state. The warm-up's own rate is
-        # kept in the row.
-        warmup = SamplingParams(
-            max_tokens=min(output_len, spec.output_len),
-            temperature=0.0,
-            ignore_eos=True,
-            detokenize=False,
-        )
-        warm_tokens, warm_seconds = _timed_generate(llm, random_prompts(batch), warmup)
-        before = _spec_metrics(llm)
-        policy_before = llm.collective_rpc(adaptive_snapshot)[0]
+
+def _num_passes(spec: BenchSpec, output_len: int) -> int:
+    return spec.repeats if output_len == spec.output_len else 1
+
+
+def _worker(spec: BenchSpec) -> list[BenchRow]:
+    """Run every batch size of one mode in this process."""
+    engine = _Engine(spec)
+    rows = []
+    for batch, output_len in _runs(spec):
+        engine.begin(batch, output_len)
         # One pass of a short output at a high acceptance is a few dozen
         # steps (26 at tau 10 and 256 tokens): time several, keep each.
-        passes = []
-        for _ in range(spec.repeats if output_len == spec.output_len else 1):
-            prompts = random_prompts(batch)
-            passes.append(_timed_generate(llm, prompts, params))
-        tokens = sum(n for n, _ in passes)
-        seconds = sum(t for _, t in passes)
-        rates = [n / t for n, t in passes]
-        rate = statistics.median(rates)
-        after = _spec_metrics(llm)
-        drafts = after[0] - before[0]
-        tau = 1 + (after[1] - before[1]) / drafts if drafts else None
-        policy = _policy_delta(policy_before, llm.collective_rpc(adaptive_snapshot)[0])
-        rows.append(
-            BenchRow(
-                spec.mode,
-                batch,
-                tokens,
-                seconds,
-                rate,
-                tau,
-                runner,
-                spec.k,
-                output_len,
-                policy,
-                warm_tokens / warm_seconds,
-                rates,
-            )
-        )
-        spread = f", passes {min(rates):.1f}-{max(rates):.1f}" if len(rates) > 1 else ""
-        print(
-            f"[bench] {spec.mode:>10} ({runner}) batch {batch:>3} x {output_len} "
-            f"tokens: {rate:9.1f} tok/s ({seconds:.2f} s{spread})"
-            + (f"  tau {tau:.2f}" if tau else "")
-            + (f"  steps per K {policy['steps_per_k']}" if policy else ""),
-            file=sys.stderr,
-            flush=True,
-        )
+        for _ in range(_num_passes(spec, output_len)):
+            engine.timed_pass()
+        rows.append(engine.end())
     if spec.profile_path:
-        _profile(llm, prompts[:1], spec.profile_path)
+        _profile(engine.llm, engine.last_prompts[:1], spec.profile_path)
     return rows
 
 
@@ -567,10 +630,14 @@ def _profile(llm: Any, prompts: Any, path: str) -> None:
     Path(path).write_text(prof.key_averages().table(sort_by=sort, row_limit=60))
 
 
-def run_mode(spec: BenchSpec, log: Path) -> list[BenchRow]:
+def _worker_env(spec: BenchSpec) -> dict[str, str]:
     env = {**os.environ, "VLLM_ALLOW_INSECURE_SERIALIZATION": "1", **spec.env}
     if spec.profile_path:
         env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    return env
+
+
+def run_mode(spec: BenchSpec, log: Path) -> list[BenchRow]:
     with tempfile.TemporaryDirectory() as tmp:
         spec_path, out_path = Path(tmp, "spec.json"), Path(tmp, "rows.json")
         spec_path.write_text(json.dumps(asdict(spec)))
@@ -583,12 +650,164 @@ def run_mode(spec: BenchSpec, log: Path) -> list[BenchRow]:
             str(out_path),
         ]
         with open(log, "w") as sink:
-            proc = subprocess.run(cmd, env=env, stdout=sink, stderr=subprocess.STDOUT)
+            proc = subprocess.run(
+                cmd, env=_worker_env(spec), stdout=sink, stderr=subprocess.STDOUT
+            )
         if proc.returncode != 0 or not out_path.exists():
             tail = log.read_text()[-3000:]
             print(f"[bench] mode {spec.mode} failed (exit {proc.returncode}):\n{tail}")
             return []
         return [BenchRow(**r) for r in json.loads(out_path.read_text())]
+
+
+# -- interleaved runs ------------------------------------------------------
+#
+# Sequential modes are minutes apart, and on the H200 one engine's passes at
+# one batch spread by up to 20% (Gemma 4 fixed K 7 at batch 64: 10119-12390
+# tok/s): a comparison of two modes then says as much about when each ran as
+# about the mode. ``--interleave`` starts every mode's engine in its own
+# process, each with a share of the device, and times their passes in turn
+# (A B, B A, A B, ...), so drift in time falls on all of them alike.
+
+
+class _WorkerDied(RuntimeError):
+    pass
+
+
+class _RemoteEngine:
+    """An ``_Engine`` in a worker process (``_serve``), one command at a
+    time: JSON lines on its stdin, replies on a pipe of their own (vLLM
+    writes its logs to stdout)."""
+
+    def __init__(self, spec: BenchSpec, log: Path) -> None:
+        self.mode = spec.mode
+        self.log = log
+        read_fd, write_fd = os.pipe()
+        with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+            json.dump(asdict(spec), f)
+        with open(log, "w") as sink:
+            self.proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "vllm_dflash.bench",
+                    "--serve",
+                    f.name,
+                    str(write_fd),
+                ],
+                env=_worker_env(spec),
+                stdin=subprocess.PIPE,
+                stdout=sink,
+                stderr=subprocess.STDOUT,
+                pass_fds=(write_fd,),
+                text=True,
+            )
+        os.close(write_fd)
+        self.replies = os.fdopen(read_fd)
+        self.runner = self._reply()  # the engine is up
+
+    def _reply(self) -> Any:
+        line = self.replies.readline()
+        if not line:
+            self.proc.wait()
+            raise _WorkerDied(
+                f"[bench] mode {self.mode} failed (exit {self.proc.returncode}):\n"
+                + self.log.read_text()[-3000:]
+            )
+        return json.loads(line)
+
+    def call(self, *command: Any) -> Any:
+        assert self.proc.stdin is not None
+        try:
+            self.proc.stdin.write(json.dumps(command) + "\n")
+            self.proc.stdin.flush()
+        except BrokenPipeError:
+            pass  # _reply reports the exit and the log
+        return self._reply()
+
+    def close(self) -> None:
+        if self.proc.stdin is not None and self.proc.poll() is None:
+            self.proc.stdin.close()  # _serve returns on end of input
+        try:
+            self.proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.replies.close()
+
+
+def _serve(spec: BenchSpec, reply_fd: int) -> None:
+    """The worker of an interleaved run: start the engine, say so, then run
+    ``begin`` / ``pass`` / ``end`` commands from stdin until it closes."""
+    with os.fdopen(reply_fd, "w") as replies:
+
+        def reply(value: Any) -> None:
+            replies.write(json.dumps(value) + "\n")
+            replies.flush()
+
+        engine = _Engine(spec)
+        reply(engine.runner)
+        for line in sys.stdin:
+            op, *args = json.loads(line)
+            if op == "begin":
+                engine.begin(*args)
+                reply(None)
+            elif op == "pass":
+                reply(engine.timed_pass())
+            elif op == "end":
+                reply(asdict(engine.end()))
+
+
+def pass_order(modes: list[str], index: int) -> list[str]:
+    """The order in which the modes run their ``index``-th timed pass: each
+    pass starts one mode later than the one before (A B C, B C A, C A B), so
+    no mode always runs first after a warm-up or right after another."""
+    shift = index % len(modes) if modes else 0
+    return modes[shift:] + modes[:shift]
+
+
+def run_interleaved(
+    specs: list[BenchSpec], out: Path, on_batch: Any = None
+) -> list[str]:
+    """Run every mode's engine at once, passes taken in turn (``pass_order``).
+    Calls ``on_batch(rows)`` with each batch's rows (so a run cut short keeps
+    them); returns the modes that failed."""
+    engines: list[_RemoteEngine] = []
+    failed: list[str] = []
+    # One engine starts at a time: vLLM sizes its KV cache from the memory it
+    # finds free after profiling, which another engine starting would skew.
+    for spec in specs:
+        print(f"[bench] starting mode {spec.mode} (interleaved)", flush=True)
+        try:
+            engines.append(_RemoteEngine(spec, out / f"{spec.mode}.log"))
+        except _WorkerDied as e:
+            print(e, flush=True)
+            failed.append(spec.mode)
+
+    def each(engines_now: list[_RemoteEngine], *command: Any) -> dict[str, Any]:
+        results = {}
+        for engine in engines_now:
+            try:
+                results[engine.mode] = engine.call(*command)
+            except _WorkerDied as e:
+                print(e, flush=True)
+                failed.append(engine.mode)
+                engines.remove(engine)
+        return results
+
+    try:
+        for batch, output_len in _runs(specs[0]):
+            each(list(engines), "begin", batch, output_len)
+            for i in range(_num_passes(specs[0], output_len)):
+                by_mode = {e.mode: e for e in engines}
+                order = pass_order(list(by_mode), i)
+                each([by_mode[m] for m in order], "pass")
+            rows = [BenchRow(**r) for r in each(list(engines), "end").values()]
+            if on_batch is not None:
+                on_batch(rows)
+    finally:
+        for engine in engines:
+            engine.close()
+    return failed
 
 
 def write_preset(name: str, root: Path) -> tuple[Path, Path]:
@@ -779,6 +998,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--profile", action="store_true", help="torch-profiler table per DFlash mode"
     )
+    p.add_argument(
+        "--interleave",
+        action="store_true",
+        help="start every mode's engine at once (each with an equal share of the "
+        "device) and time their passes in turn, so drift over the run falls on "
+        "every mode alike; every engine must fit beside the others",
+    )
 
 
 def mode_rates(
@@ -834,6 +1060,7 @@ def _meta(
         "attention_backend": attention_backend,
         "draft_attention_backend": draft_attention_backend,
         "enforce_eager": args.enforce_eager,
+        "interleave": args.interleave,
     }
 
 
@@ -870,6 +1097,13 @@ def bench_command(args: argparse.Namespace) -> int:
             )
         if tau is not None and profile is None and any(m.impl != "none" for m in modes):
             flat_rates(tau, args.k)  # validates tau against --k
+        if args.interleave and args.profile:
+            raise DFlashConfigError(
+                "--interleave",
+                True,
+                "--profile runs the engine in the bench's worker process, one "
+                "mode at a time; drop one of the two options.",
+            )
     except DFlashConfigError as e:
         raise SystemExit(str(e)) from e
     out = Path(args.out)
@@ -883,15 +1117,8 @@ def bench_command(args: argparse.Namespace) -> int:
     batches = [int(b) for b in args.batch_sizes.split(",")]
     sizes = capture_sizes(batches, modes)
     max_k = max(k for mode in modes for k in mode.ks)
-    rows: list[BenchRow] = []
-    long_rows: list[BenchRow] = []
-    failed: list[str] = []
-    for mode in modes:
-        print(
-            f"[bench] starting mode {mode.name} (engine start can take minutes)",
-            flush=True,
-        )
-        spec = BenchSpec(
+    specs = [
+        BenchSpec(
             mode=mode.name,
             target=str(target),
             drafter=None if mode.impl == "none" else str(drafter),
@@ -919,15 +1146,35 @@ def bench_command(args: argparse.Namespace) -> int:
                 if args.profile and mode.impl != "none"
                 else None
             ),
+            memory_share=1.0 / len(modes) if args.interleave else 1.0,
         )
-        mode_rows = run_mode(spec, out / f"{mode.name}.log")
-        long_rows += [r for r in mode_rows if r.output_len != args.output_len]
-        rows += [r for r in mode_rows if r.output_len == args.output_len]
-        if not mode_rows:
-            failed.append(mode.name)
-        # After every mode, so a run cut short by a time limit keeps its rows.
+        for mode in modes
+    ]
+    rows: list[BenchRow] = []
+    long_rows: list[BenchRow] = []
+
+    def add(new_rows: list[BenchRow], done: bool) -> None:
+        # After every mode (every batch, interleaved), so a run cut short by
+        # a time limit keeps its rows.
+        long_rows.extend(r for r in new_rows if r.output_len != args.output_len)
+        rows.extend(r for r in new_rows if r.output_len == args.output_len)
         meta = _meta(args, modes, sizes, tau, profile_name, profile, rows)
-        write_json(out, meta, rows, long_rows, done=mode is modes[-1])
+        write_json(out, meta, rows, long_rows, done=done)
+
+    if args.interleave:
+        failed = run_interleaved(specs, out, lambda batch_rows: add(batch_rows, False))
+        add([], True)
+    else:
+        failed = []
+        for spec in specs:
+            print(
+                f"[bench] starting mode {spec.mode} (engine start can take minutes)",
+                flush=True,
+            )
+            mode_rows = run_mode(spec, out / f"{spec.mode}.log")
+            if not mode_rows:
+                failed.append(spec.mode)
+            add(mode_rows, spec is specs[-1])
     print_table(rows, args.k)
     if long_rows:
         print_long(long_rows)
@@ -950,3 +1197,7 @@ if __name__ == "__main__":
     if len(sys.argv) == 4 and sys.argv[1] == "--worker":
         spec = BenchSpec(**json.loads(Path(sys.argv[2]).read_text()))
         Path(sys.argv[3]).write_text(json.dumps([asdict(r) for r in _worker(spec)]))
+    elif len(sys.argv) == 4 and sys.argv[1] == "--serve":
+        spec = BenchSpec(**json.loads(Path(sys.argv[2]).read_text()))
+        Path(sys.argv[2]).unlink()
+        _serve(spec, int(sys.argv[3]))

@@ -80,3 +80,45 @@ def test_bench_writes_table_json_and_plot(tmp_path: Path) -> None:
     table = proc.stdout
     assert "vs none" in table and "adaptive/best" in table
     assert all(f" {m} " in table for m in modes)
+
+
+def test_interleaved_modes_alternate_passes_on_identical_prompts(
+    tmp_path: Path,
+) -> None:
+    """``--interleave``: both engines up at once (each in its own worker
+    process), their timed passes taken in turn (A B, B A, A B), batch by
+    batch."""
+    out = tmp_path / "bench"
+    cmd = [sys.executable, "-m", "vllm_dflash.cli", "bench", "--preset", "tiny"]
+    cmd += ["--modes", "none,plugin-k3", "--batch-sizes", "2,1", "--interleave"]
+    cmd += ["--k", "3", "--tau", "0", "--prompt-len", "8", "--output-len", "12"]
+    cmd += ["--enforce-eager", "--repeats", "3", "--dtype", "float32"]
+    cmd += ["--out", str(out)]
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads((out / "bench.json").read_text())
+    assert data["meta"]["interleave"] is True and data["meta"]["complete"] is True
+    rows = {(r["mode"], r["batch"]): r for r in data["rows"]}
+    assert sorted(rows) == [
+        ("none", 1),
+        ("none", 2),
+        ("plugin-k3", 1),
+        ("plugin-k3", 2),
+    ]
+    for batch in (2, 1):
+        none, plugin = rows[("none", batch)], rows[("plugin-k3", batch)]
+        assert none["tokens"] == plugin["tokens"] == 3 * 12 * batch
+        # Pass i of the run, in time: none, plugin | plugin, none | none, plugin.
+        starts = sorted(
+            [(t, "none") for t in none["pass_start_s"]]
+            + [(t, "plugin-k3") for t in plugin["pass_start_s"]]
+        )
+        order = [mode for _, mode in starts]
+        assert order == ["none", "plugin-k3", "plugin-k3", "none", "none", "plugin-k3"]
+    # Batch 2's rows were timed before batch 1's, in both engines.
+    assert max(rows[("plugin-k3", 2)]["pass_start_s"]) < min(
+        rows[("none", 1)]["pass_start_s"]
+    )
+    assert rows[("plugin-k3", 2)]["acceptance_length"] is not None
+    assert rows[("none", 2)]["acceptance_length"] is None

@@ -218,3 +218,27 @@ def test_repeats_below_one_is_refused(tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match="invalid --repeats=0"):
         bench.bench_command(args)
     assert parser.parse_args([]).repeats == 3
+
+
+def test_interleaved_passes_rotate_which_mode_goes_first() -> None:
+    modes = ["plugin-k7", "adaptive", "plugin"]
+    orders = [bench.pass_order(modes, i) for i in range(4)]
+    assert orders == [
+        ["plugin-k7", "adaptive", "plugin"],
+        ["adaptive", "plugin", "plugin-k7"],
+        ["plugin", "plugin-k7", "adaptive"],
+        ["plugin-k7", "adaptive", "plugin"],
+    ]
+    # Every mode runs first, and right after each other mode, equally often.
+    assert {o[0] for o in orders[:3]} == set(modes)
+    assert bench.pass_order([], 2) == []
+
+
+def test_interleave_with_profile_is_refused(tmp_path: Path) -> None:
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    args = parser.parse_args(["--preset", "tiny", "--interleave", "--profile"])
+    args.out = str(tmp_path)
+    with pytest.raises(SystemExit, match="invalid --interleave=True.*--profile"):
+        bench.bench_command(args)
+    assert parser.parse_args([]).interleave is False
