@@ -239,6 +239,6 @@ def test_interleave_with_profile_is_refused(tmp_path: Path) -> None:
     bench.add_arguments(parser)
     args = parser.parse_args(["--preset", "tiny", "--interleave", "--profile"])
     args.out = str(tmp_path)
-    with pytest.raises(SystemExit, match="invalid --interleave=True.*--profile"):
+    with pytest.raises(SystemExit, match=r"invalid --interleave=True.*--profile"):
         bench.bench_command(args)
     assert parser.parse_args([]).interleave is False
