@@ -71,11 +71,19 @@ REFRESH_EVERY = 128
 # measured once its neighbour is best) and every measured K whose expected
 # throughput is at least this fraction of the best's.
 RIVAL_FRACTION = 0.5
-# A batch bucket runs the K of the nearest measured bucket for this many
-# decisions before it measures its own candidates: exploring costs about
-# 5 steps per K, which pays only where a load stays. A benchmark pass's tail
-# (requests finishing one by one) and a passing burst never reach it.
+# A batch bucket runs the K of the nearest measured bucket until it has been
+# chosen EXPLORE_AFTER times in its recent decisions (its visits, each
+# forgotten by a factor 1 - 1/EXPLORE_HORIZON per decision of any bucket),
+# and only then measures its own candidates: exploring costs about 5 steps
+# per K, which pays only where a load stays. A load that stays in a bucket
+# gets there in about 18 decisions, one that shares its time evenly between
+# two buckets in about 44; a benchmark pass's tail (requests finishing one
+# by one) and a passing burst never do. Counting visits without forgetting
+# them, the tails of repeated passes added up: on the H200 (Qwen3-8B shape,
+# batch 8) tail buckets 1, 3 and 4 spent 30 steps on K 0 and K 1 over five
+# passes, 0.96x of fixed K 15.
 EXPLORE_AFTER = 16
+EXPLORE_HORIZON = 64
 # A key's cost is the median of its last WINDOW samples.
 WINDOW = 8
 # Runs of equal decisions kept for ``snapshot()["trace"]`` (the order of
@@ -300,6 +308,7 @@ class AdaptiveDraftLength:
         refresh_first: int = REFRESH_FIRST,
         refresh_every: int = REFRESH_EVERY,
         explore_after: int = EXPLORE_AFTER,
+        explore_horizon: float = EXPLORE_HORIZON,
         acceptance: AcceptanceEstimate | None = None,
     ) -> None:
         self.k_max = k_max
@@ -308,13 +317,15 @@ class AdaptiveDraftLength:
         self.refresh_first = refresh_first
         self.refresh_every = refresh_every
         self.explore_after = explore_after
+        self.explore_horizon = explore_horizon
         self.acceptance = acceptance or AcceptanceEstimate(k_max)
         self.cost = StepCost()
         self.decisions: Counter[tuple[int, int]] = Counter()
         self.steps = 0
         # Run-length decisions in order: [first step, batch bucket, K, steps].
         self.trace: deque[list[int]] = deque(maxlen=TRACE_RUNS)
-        self._visits: Counter[int] = Counter()  # choices per batch bucket
+        # Per batch bucket: its recent visits (``_recent_visits``) as of a step.
+        self._visits: dict[int, tuple[float, int]] = {}
         self._measured: set[int] = set()  # buckets past their exploration
         self._since_measured: Counter[int] = Counter()  # choices since then
         # Per measured bucket: the choice count of its next re-measurement and
@@ -345,8 +356,9 @@ class AdaptiveDraftLength:
         """The K with the highest expected throughput at this batch size.
 
         A new batch bucket first runs the K the nearest measured bucket
-        would run (``explore_after`` decisions; the first bucket of all has
-        none and measures at once). It then measures its candidates
+        would run, until it has ``explore_after`` recent visits
+        (``_recent_visits``; the first bucket of all has no such K and
+        measures at once). It then measures its candidates
         (``min_samples`` steps each), that K first and then from K = 0 up,
         each only while it could still win: its expected tokens over the
         floor of its step time (``StepCost.lower_bound``: what less work
@@ -358,9 +370,8 @@ class AdaptiveDraftLength:
         measured once its neighbour is best.
         """
         bucket = batch_bucket(batch)
-        self._visits[bucket] += 1
         donor = self._donor(bucket)
-        if donor is not None and self._visits[bucket] <= self.explore_after:
+        if donor is not None and self._recent_visits(bucket) <= self.explore_after:
             return donor
         refreshing = self._refreshing.pop(bucket, None)
         if refreshing is not None:
@@ -424,6 +435,15 @@ class AdaptiveDraftLength:
         self.cost.forget(batch, k)
         self._refreshing[bucket] = (k, self.min_samples)
         return k
+
+    def _recent_visits(self, bucket: int) -> float:
+        """Count this decision as a visit of ``bucket`` and return its
+        visits so far, each forgotten by ``1 - 1 / explore_horizon`` per
+        decision since (of any bucket)."""
+        visits, step = self._visits.get(bucket, (0.0, self.steps))
+        visits = visits * (1.0 - 1.0 / self.explore_horizon) ** (self.steps - step)
+        self._visits[bucket] = (visits + 1.0, self.steps)
+        return visits + 1.0
 
     def _donor(self, bucket: int) -> int | None:
         """The K the nearest measured bucket runs (None before any bucket is
