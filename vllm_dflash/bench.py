@@ -44,7 +44,8 @@ MODE_GRAMMAR = (
 # Unconditional per-position acceptance P(drafts 1..i all accepted), shaped
 # like the per-position figures published for DFlash drafters: about 0.75 at
 # position 1, below 0.20 by position 8. Expected tokens per step
-# 1 + sum(rates[:K]): 3.63 at K 7, 4.43 at K 15 (adaptive.expected_tokens_per_step).
+# 1 + sum(rates[:K]): 2.88 at K 3, 4.12 at K 7, 4.78 at K 15
+# (adaptive.expected_tokens_per_step).
 DECAY_RATES: tuple[float, ...] = (
     0.75, 0.62, 0.51, 0.42, 0.34, 0.27, 0.21, 0.17,
     0.13, 0.10, 0.08, 0.06, 0.05, 0.04, 0.03,
