@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -833,9 +834,34 @@ def _native_reference(rows: list[BenchRow], k: int) -> dict[int, float]:
     return ref
 
 
+def paired_ratio(a: BenchRow, b: BenchRow) -> float | None:
+    """The geometric mean over passes of ``a``'s pass / ``b``'s same pass,
+    where the two were interleaved (``--interleave``: pass i of both ran
+    before pass i + 1 of either); None otherwise. Both engines' passes move
+    together from pass to pass (on the H200 by up to 2x at one batch), so the
+    ratio of the same pass compares the modes where the ratio of medians
+    carries that spread."""
+    n = len(a.pass_tok_per_s)
+    if (
+        n == 0
+        or len(b.pass_tok_per_s) != n
+        or len(a.pass_start_s) != n
+        or len(b.pass_start_s) != n
+    ):
+        return None
+    rounds = list(zip(a.pass_start_s, b.pass_start_s, strict=True))
+    if any(max(now) >= min(later) for now, later in pairwise(rounds)):
+        return None
+    logs = [
+        math.log(x / y) for x, y in zip(a.pass_tok_per_s, b.pass_tok_per_s, strict=True)
+    ]
+    return math.exp(statistics.fmean(logs))
+
+
 def summarize(rows: list[BenchRow]) -> list[dict[str, Any]]:
     """Per batch: the fastest fixed-K plugin mode, and adaptive against it
-    and against no speculation (None where a mode is missing)."""
+    (by median passes, and pass by pass where the two were interleaved) and
+    against no speculation (None where a mode is missing)."""
     out = []
     for batch in sorted({r.batch for r in rows}):
         mine = [r for r in rows if r.batch == batch]
@@ -850,6 +876,9 @@ def summarize(rows: list[BenchRow]) -> list[dict[str, Any]]:
                 "best_fixed_tok_per_s": best.tok_per_s if best else None,
                 "adaptive_vs_best_fixed": (
                     adaptive.tok_per_s / best.tok_per_s if adaptive and best else None
+                ),
+                "adaptive_vs_best_fixed_paired": (
+                    paired_ratio(adaptive, best) if adaptive and best else None
                 ),
                 "adaptive_vs_none": (
                     adaptive.tok_per_s / none.tok_per_s if adaptive and none else None
@@ -901,9 +930,12 @@ def print_table(rows: list[BenchRow], k: int) -> None:
     if any(s["best_fixed"] for s in summary) and any(
         r.mode == "adaptive" for r in rows
     ):
+        # "paired": pass by pass, where the passes were interleaved.
+        paired = any(s["adaptive_vs_best_fixed_paired"] for s in summary)
         print(
             f"{'batch':>6} {'best fixed K':>{width}} {'tok/s':>10} "
             f"{'adaptive/best':>13} {'adaptive/none':>13}"
+            + (f" {'paired':>7}" if paired else "")
         )
         for s in summary:
             tok_s = s["best_fixed_tok_per_s"]
@@ -912,6 +944,11 @@ def print_table(rows: list[BenchRow], k: int) -> None:
                 f"{'-' if tok_s is None else f'{tok_s:.1f}':>10} "
                 f"{_ratio(s['adaptive_vs_best_fixed']):>13} "
                 f"{_ratio(s['adaptive_vs_none']):>13}"
+                + (
+                    f" {_ratio(s['adaptive_vs_best_fixed_paired']):>7}"
+                    if paired
+                    else ""
+                )
             )
 
 

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from vllm_dflash.bench import BenchRow, paired_ratio
+
 pytestmark = pytest.mark.e2e
 
 
@@ -69,6 +71,8 @@ def test_bench_writes_table_json_and_plot(tmp_path: Path) -> None:
     assert meta["acceptance"] == "decay" and meta["synthetic"] is False
     assert meta["capture_sizes"] == [1, 2, 4, 8, 16]
     assert [s["best_fixed"] for s in data["summary"]] == ["plugin-k3"] * 2
+    # One mode after the other: no pass-by-pass ratio.
+    assert all(s["adaptive_vs_best_fixed_paired"] is None for s in data["summary"])
     assert all(s["adaptive_vs_none"] > 0 for s in data["summary"])
     # The long single request (--long-output-len) runs in every engine.
     long = {r["mode"]: r for r in data["long_rows"]}
@@ -122,3 +126,6 @@ def test_interleaved_modes_alternate_passes_on_identical_prompts(
     )
     assert rows[("plugin-k3", 2)]["acceptance_length"] is not None
     assert rows[("none", 2)]["acceptance_length"] is None
+    # The passes pair up (bench.paired_ratio checks their start times).
+    plugin, none = (BenchRow(**rows[(m, 2)]) for m in ("plugin-k3", "none"))
+    assert paired_ratio(plugin, none) is not None

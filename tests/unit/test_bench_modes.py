@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -242,3 +243,48 @@ def test_interleave_with_profile_is_refused(tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match=r"invalid --interleave=True.*--profile"):
         bench.bench_command(args)
     assert parser.parse_args([]).interleave is False
+
+
+def test_paired_ratio_needs_interleaved_passes() -> None:
+    def row(rates: list[float], starts: list[float]) -> BenchRow:
+        return BenchRow(
+            "m", 8, 10, 1.0, 0.0, None, "v2", 7, 256, None, None, rates, starts
+        )
+
+    # Both engines' passes move together (the second pass is slow for both):
+    # pass by pass, adaptive is 0.9x and 1.1x of the other, 0.995x overall.
+    adaptive = row([900.0, 550.0], [0.0, 2.0])
+    fixed = row([1000.0, 500.0], [1.0, 3.0])
+    assert bench.paired_ratio(adaptive, fixed) == pytest.approx(math.sqrt(0.9 * 1.1))
+    # One mode's passes all before the other's: not paired.
+    assert bench.paired_ratio(adaptive, row([1000.0, 500.0], [5.0, 6.0])) is None
+    # Unequal pass counts, or rows without start times (older JSON).
+    assert bench.paired_ratio(adaptive, row([1000.0], [1.0])) is None
+    assert bench.paired_ratio(row([900.0, 550.0], []), fixed) is None
+    summary = bench.summarize(
+        [
+            BenchRow("adaptive", 8, 10, 1.0, 725.0, None, "v2", 15, 256, None, None,
+                     [900.0, 550.0], [0.0, 2.0]),
+            BenchRow("plugin", 8, 10, 1.0, 750.0, None, "v2", 15, 256, None, None,
+                     [1000.0, 500.0], [1.0, 3.0]),
+        ]
+    )  # fmt: skip
+    assert summary[0]["adaptive_vs_best_fixed"] == pytest.approx(725 / 750)
+    assert summary[0]["adaptive_vs_best_fixed_paired"] == pytest.approx(0.995, abs=1e-3)
+
+
+def test_paired_ratio_of_the_h200_interleaved_run() -> None:
+    """The figure docs/adaptive.md gives for Qwen3-8B batch 8 after visits
+    forget (0.954x of fixed K 15), from the run's own JSON."""
+    path = (
+        Path(__file__).parents[2]
+        / "docs/benchmarks/qwen3-8b-h200-interleaved-forgetting.json"
+    )
+    data = json.loads(path.read_text())
+    rows = {(r["mode"], r["batch"]): BenchRow(**r) for r in data["rows"]}
+    ratio = bench.paired_ratio(rows[("adaptive", 8)], rows[("plugin", 8)])
+    assert ratio == pytest.approx(0.954, abs=5e-4)
+    # Its median passes say 0.96x: the two differ by what pairing removes.
+    assert rows[("adaptive", 8)].tok_per_s / rows[("plugin", 8)].tok_per_s == (
+        pytest.approx(0.9605, abs=5e-4)
+    )
