@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from itertools import pairwise
 from pathlib import Path
@@ -768,7 +769,9 @@ def pass_order(modes: list[str], index: int) -> list[str]:
 
 
 def run_interleaved(
-    specs: list[BenchSpec], out: Path, on_batch: Any = None
+    specs: list[BenchSpec],
+    out: Path,
+    on_batch: Callable[[list[BenchRow]], None] | None = None,
 ) -> list[str]:
     """Run every mode's engine at once, passes taken in turn (``pass_order``).
     Calls ``on_batch(rows)`` with each batch's rows (so a run cut short keeps

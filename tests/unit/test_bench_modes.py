@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -288,3 +289,50 @@ def test_paired_ratio_of_the_h200_interleaved_run() -> None:
     assert rows[("adaptive", 8)].tok_per_s / rows[("plugin", 8)].tok_per_s == (
         pytest.approx(0.9605, abs=5e-4)
     )
+
+
+def test_interleaved_run_goes_on_without_a_failed_engine(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """run_interleaved's order of commands, and what happens when an engine
+    fails to start or dies mid-run (the engines are stand-ins here; the e2e
+    test runs real ones)."""
+    calls: list[tuple[str, ...]] = []
+
+    class Engine:
+        def __init__(self, spec: bench.BenchSpec, log: Path) -> None:
+            if spec.mode == "broken":
+                raise bench._WorkerDied("[bench] mode broken failed (exit 1)")
+            self.mode = spec.mode
+            self.passes = 0
+
+        def call(self, op: str, *args: Any) -> Any:
+            calls.append((self.mode, op, *map(str, args)))
+            if op == "pass":
+                self.passes += 1
+                if self.mode == "dies" and self.passes == 2:
+                    raise bench._WorkerDied("[bench] mode dies failed (exit -9)")
+                return 100.0
+            if op == "end":
+                return asdict(BenchRow(self.mode, 1, 10, 1.0, 100.0, None))
+            return None
+
+        def close(self) -> None:
+            calls.append((self.mode, "close"))
+
+    monkeypatch.setattr(bench, "_RemoteEngine", Engine)
+    specs = [
+        bench.BenchSpec(mode, "target", None, [8, 1], repeats=2)
+        for mode in ("a", "broken", "dies", "b")
+    ]
+    batches: list[list[str]] = []
+    failed = bench.run_interleaved(
+        specs, tmp_path, lambda rows: batches.append([r.mode for r in rows])
+    )
+    assert failed == ["broken", "dies"]
+    assert batches == [["a", "b"], ["a", "b"]]
+    passes = [mode for mode, op, *_ in calls if op == "pass"]
+    # Batch 8: a dies b, then dies b a (dies fails there); batch 1: a b, b a.
+    assert passes == ["a", "dies", "b", "dies", "b", "a", "a", "b", "b", "a"]
+    assert next(c for c in calls if c[1] == "begin") == ("a", "begin", "8", "256")
+    assert [c[0] for c in calls if c[1] == "close"] == ["a", "b"]
