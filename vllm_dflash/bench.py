@@ -10,7 +10,10 @@ drafters. Prints a table, writes ``bench.json`` and ``bench.png``.
 
 Modes (``--modes``, see ``parse_mode``) name an implementation and a K:
 ``plugin-k3`` is the plugin at three drafts per step, ``adaptive`` the plugin
-choosing K per step (``vllm_dflash.adaptive``) up to ``--k``. Every mode of a
+choosing K per step (``vllm_dflash.adaptive``) up to ``--k``, ``dynamic-k3``
+the plugin on vLLM's dynamic-K path (as adaptive runs) held at three drafts:
+adaptive against it is what the policy's choices gain or cost, it against
+``plugin-k3`` what the dynamic-K path costs at one K. Every mode of a
 run captures the same CUDA-graph sizes (``capture_sizes``), so the figures
 differ by what the mode does, not by which graphs it has.
 """
@@ -40,9 +43,14 @@ from vllm_dflash.envs import ADAPTIVE_K
 MODES = ("none", "native", "plugin")
 """The default ``--modes``."""
 MODE_GRAMMAR = (
-    "none, native, plugin (K = --k), native-kN, plugin-kN (K = N >= 1) or "
-    "adaptive (the plugin choosing K per step, at most --k)"
+    "none, native, plugin (K = --k), native-kN, plugin-kN (K = N >= 1), "
+    "adaptive (the plugin choosing K per step, at most --k) or dynamic-kN "
+    "(the plugin on the dynamic-K path as adaptive, held at K = N <= --k)"
 )
+# A batch size no engine reaches: dynamic-kN's schedule names adaptive's
+# other candidate K beyond it, so that their CUDA graphs are captured but
+# never chosen.
+_UNREACHED_BATCH = 1 << 20
 # Unconditional per-position acceptance P(drafts 1..i all accepted), shaped
 # like the per-position figures published for DFlash drafters: about 0.75 at
 # position 1, below 0.20 by position 8. Expected tokens per step
@@ -63,13 +71,30 @@ class Mode:
     impl: str
     """"none", "native" or "plugin"."""
     k: int
-    """num_speculative_tokens (0 for none; the maximum for adaptive)."""
+    """num_speculative_tokens (0 for none; the maximum for adaptive and
+    dynamic-kN)."""
     adaptive: bool = False
+    held_k: int | None = None
+    """dynamic-kN: the K every step verifies (N)."""
 
     @property
     def ks(self) -> tuple[int, ...]:
-        """Every K a verify pass of this mode may run with."""
-        return candidate_ks(self.k) if self.adaptive else (self.k,)
+        """Every K this mode's engine captures graphs for."""
+        dynamic = self.adaptive or self.held_k is not None
+        return candidate_ks(self.k) if dynamic else (self.k,)
+
+    @property
+    def draft_schedule(self) -> list[tuple[int, int, int]] | None:
+        """dynamic-kN's ``num_speculative_tokens_per_batch_size``: N at every
+        batch size an engine runs, and every other candidate K of adaptive
+        past them (graphs captured as adaptive's are, never used)."""
+        if self.held_k is None:
+            return None
+        others = [k for k in self.ks if k != self.held_k]
+        return [(1, _UNREACHED_BATCH, self.held_k)] + [
+            (_UNREACHED_BATCH + 1 + i, _UNREACHED_BATCH + 1 + i, k)
+            for i, k in enumerate(others)
+        ]
 
     @property
     def env(self) -> dict[str, str]:
@@ -84,8 +109,8 @@ class Mode:
 
 
 def parse_mode(name: str, k: int) -> Mode:
-    """``none``, ``native``, ``plugin``, ``native-kN``, ``plugin-kN`` or
-    ``adaptive``; ``k`` is ``--k``."""
+    """``none``, ``native``, ``plugin``, ``native-kN``, ``plugin-kN``,
+    ``adaptive`` or ``dynamic-kN``; ``k`` is ``--k``."""
     if name == "none":
         return Mode(name, "none", 0)
     if name in ("native", "plugin"):
@@ -95,6 +120,8 @@ def parse_mode(name: str, k: int) -> Mode:
     impl, sep, n = name.partition("-k")
     if sep and impl in ("native", "plugin") and n.isdigit() and int(n) >= 1:
         return Mode(name, impl, int(n))
+    if sep and impl == "dynamic" and n.isdigit() and 1 <= int(n) <= k:
+        return Mode(name, "plugin", k, held_k=int(n))
     raise DFlashConfigError("--modes", name, f"Modes are {MODE_GRAMMAR}.")
 
 
@@ -108,13 +135,9 @@ def parse_modes(text: str, k: int) -> list[Mode]:
 
 
 def mode_sort_key(name: str, k: int) -> tuple[int, int, str]:
-    """none, native*, plugin*, adaptive; by K within each."""
-    group = (
-        3
-        if name == "adaptive"
-        else ("none", "native", "plugin").index(name.split("-k")[0])
-    )
-    return group, k, name
+    """none, native*, plugin*, dynamic*, adaptive; by K within each."""
+    groups = ("none", "native", "plugin", "dynamic", "adaptive")
+    return groups.index(name.split("-k")[0]), k, name
 
 
 def capture_sizes(batch_sizes: list[int], modes: list[Mode]) -> list[int]:
@@ -336,6 +359,8 @@ class BenchSpec:
     env: dict[str, str] = field(default_factory=dict)
     acceptance_rates: list[float] | None = None
     """Synthetic per-position rates, exactly ``k`` of them; None: ``tau``."""
+    draft_schedule: list[tuple[int, int, int]] | None = None
+    """``num_speculative_tokens_per_batch_size`` (dynamic-kN), else None."""
     capture_sizes: list[int] | None = None
     """CUDA-graph sizes (the run's union); None: this mode's own."""
     max_num_batched_tokens: int | None = None
@@ -378,14 +403,19 @@ class BenchRow:
     pass_start_s: list[float] = field(default_factory=list)
     """Wall-clock start of each timed pass (Unix seconds): with
     ``--interleave`` it shows the modes' passes alternating."""
+    drafts_per_request_step: float | None = None
+    """Draft tokens verified per request and step over the timed passes (the
+    K the steps ran; adaptive's average); None without drafts."""
 
 
-def _spec_metrics(llm: Any) -> tuple[float, float]:
-    """(drafts, accepted tokens) so far, from vLLM's spec-decode counters."""
+def _spec_metrics(llm: Any) -> tuple[float, float, float]:
+    """(drafts, accepted tokens, draft tokens) so far, from vLLM's
+    spec-decode counters; a draft is one request's drafts in one step."""
     totals = collect_spec_metrics(llm)
     return (
         totals.get("vllm:spec_decode_num_drafts", 0.0),
         totals.get("vllm:spec_decode_num_accepted_tokens", 0.0),
+        totals.get("vllm:spec_decode_num_draft_tokens", 0.0),
     )
 
 
@@ -450,7 +480,7 @@ class _Engine:
         self._batch = 0
         self._output_len = 0
         self._warm_tok_per_s = 0.0
-        self._metrics_before = (0.0, 0.0)
+        self._metrics_before = (0.0, 0.0, 0.0)
         self._policy_before: dict[str, Any] | None = None
         self._passes: list[tuple[int, float]] = []
         self._pass_starts: list[float] = []
@@ -509,6 +539,7 @@ class _Engine:
         after = _spec_metrics(self.llm)
         drafts = after[0] - self._metrics_before[0]
         tau = 1 + (after[1] - self._metrics_before[1]) / drafts if drafts else None
+        k_mean = (after[2] - self._metrics_before[2]) / drafts if drafts else None
         policy = _policy_delta(
             self._policy_before, self.llm.collective_rpc(adaptive_snapshot)[0]
         )
@@ -535,6 +566,7 @@ class _Engine:
             self._warm_tok_per_s,
             rates,
             self._pass_starts,
+            k_mean,
         )
 
 
@@ -577,6 +609,10 @@ def _engine_kwargs(spec: BenchSpec) -> dict[str, Any]:
                 speculative["synthetic_acceptance_length"] = spec.tau
         if spec.draft_attention_backend:
             speculative["attention_backend"] = spec.draft_attention_backend
+        if spec.draft_schedule:
+            speculative["num_speculative_tokens_per_batch_size"] = [
+                list(entry) for entry in spec.draft_schedule
+            ]
         kwargs["speculative_config"] = support.route_draft_attention_backend(
             speculative
         )
@@ -1090,7 +1126,10 @@ def _meta(
         "acceptance": profile_name,
         "acceptance_rates": profile,
         "synthetic": tau is not None,
-        "modes": {m.name: {"impl": m.impl, "k": m.k, "ks": m.ks} for m in modes},
+        "modes": {
+            m.name: {"impl": m.impl, "k": m.k, "ks": m.ks, "held_k": m.held_k}
+            for m in modes
+        },
         "capture_sizes": sizes,
         "prompt_len": args.prompt_len,
         "output_len": args.output_len,
@@ -1180,6 +1219,7 @@ def bench_command(args: argparse.Namespace) -> int:
             draft_attention_backend=draft_attention_backend,
             env=mode.env,
             acceptance_rates=mode_rates(mode, profile, tau, args.k),
+            draft_schedule=mode.draft_schedule,
             capture_sizes=sizes,
             max_num_batched_tokens=max(8192, max(batches) * (max_k + 1)),
             profile_path=(

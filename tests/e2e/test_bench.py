@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from vllm_dflash import bench
 from vllm_dflash.bench import BenchRow, paired_ratio
 
 pytestmark = pytest.mark.e2e
@@ -64,7 +65,9 @@ def test_bench_writes_table_json_and_plot(tmp_path: Path) -> None:
         drafted = any(k != "0" for k in policy["steps_per_k"])
         if row["acceptance_length"] is not None:
             assert drafted and 1.0 <= row["acceptance_length"] <= 8.0
+            assert 0.0 < row["drafts_per_request_step"] <= 7.0
     assert rows[("plugin-k3", 1)]["adaptive"] is None
+    assert rows[("plugin-k3", 1)]["drafts_per_request_step"] == 3.0
     # Every row keeps its untimed full-batch warm-up's rate.
     assert all(r["warmup_tok_per_s"] > 0 for r in rows.values())
     meta = data["meta"]
@@ -89,13 +92,15 @@ def test_bench_writes_table_json_and_plot(tmp_path: Path) -> None:
 def test_interleaved_modes_alternate_passes_on_identical_prompts(
     tmp_path: Path,
 ) -> None:
-    """``--interleave``: both engines up at once (each in its own worker
-    process), their timed passes taken in turn (A B, B A, A B), batch by
-    batch."""
+    """``--interleave``: three engines up at once (each in its own worker
+    process), their timed passes taken in turn (A B C, B C A, C A B), batch
+    by batch. ``dynamic-k3`` (vLLM's dynamic-K path held at K 3 of 7)
+    verifies exactly 3 drafts a step, as ``plugin-k3`` does."""
     out = tmp_path / "bench"
+    modes = ["none", "plugin-k3", "dynamic-k3"]
     cmd = [sys.executable, "-m", "vllm_dflash.cli", "bench", "--preset", "tiny"]
-    cmd += ["--modes", "none,plugin-k3", "--batch-sizes", "2,1", "--interleave"]
-    cmd += ["--k", "3", "--tau", "0", "--prompt-len", "8", "--output-len", "12"]
+    cmd += ["--modes", ",".join(modes), "--batch-sizes", "2,1", "--interleave"]
+    cmd += ["--k", "7", "--tau", "0", "--prompt-len", "8", "--output-len", "12"]
     cmd += ["--enforce-eager", "--repeats", "3", "--dtype", "float32"]
     cmd += ["--out", str(out)]
     env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
@@ -103,29 +108,25 @@ def test_interleaved_modes_alternate_passes_on_identical_prompts(
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     data = json.loads((out / "bench.json").read_text())
     assert data["meta"]["interleave"] is True and data["meta"]["complete"] is True
+    assert data["meta"]["modes"]["dynamic-k3"]["held_k"] == 3
     rows = {(r["mode"], r["batch"]): r for r in data["rows"]}
-    assert sorted(rows) == [
-        ("none", 1),
-        ("none", 2),
-        ("plugin-k3", 1),
-        ("plugin-k3", 2),
-    ]
+    assert sorted(rows) == sorted((m, b) for m in modes for b in (1, 2))
     for batch in (2, 1):
-        none, plugin = rows[("none", batch)], rows[("plugin-k3", batch)]
-        assert none["tokens"] == plugin["tokens"] == 3 * 12 * batch
-        # Pass i of the run, in time: none, plugin | plugin, none | none, plugin.
-        starts = sorted(
-            [(t, "none") for t in none["pass_start_s"]]
-            + [(t, "plugin-k3") for t in plugin["pass_start_s"]]
-        )
+        mine = [rows[(m, batch)] for m in modes]
+        assert all(r["tokens"] == 3 * 12 * batch for r in mine)
+        # Pass i of the run, in time: the modes in turn, one later each pass.
+        starts = sorted((t, r["mode"]) for r in mine for t in r["pass_start_s"])
         order = [mode for _, mode in starts]
-        assert order == ["none", "plugin-k3", "plugin-k3", "none", "none", "plugin-k3"]
-    # Batch 2's rows were timed before batch 1's, in both engines.
-    assert max(rows[("plugin-k3", 2)]["pass_start_s"]) < min(
-        rows[("none", 1)]["pass_start_s"]
+        assert order == [m for i in range(3) for m in bench.pass_order(modes, i)]
+    # Batch 2's rows were timed before batch 1's, in every engine.
+    assert max(rows[(m, 2)]["pass_start_s"][-1] for m in modes) < min(
+        rows[(m, 1)]["pass_start_s"][0] for m in modes
     )
-    assert rows[("plugin-k3", 2)]["acceptance_length"] is not None
-    assert rows[("none", 2)]["acceptance_length"] is None
+    for batch in (2, 1):
+        assert rows[("none", batch)]["drafts_per_request_step"] is None
+        assert rows[("plugin-k3", batch)]["drafts_per_request_step"] == 3.0
+        assert rows[("dynamic-k3", batch)]["drafts_per_request_step"] == 3.0
+        assert rows[("dynamic-k3", batch)]["k"] == 7
     # The passes pair up (bench.paired_ratio checks their start times).
-    plugin, none = (BenchRow(**rows[(m, 2)]) for m in ("plugin-k3", "none"))
-    assert paired_ratio(plugin, none) is not None
+    dynamic, plugin = (BenchRow(**rows[(m, 2)]) for m in ("dynamic-k3", "plugin-k3"))
+    assert paired_ratio(dynamic, plugin) is not None

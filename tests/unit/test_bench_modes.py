@@ -34,7 +34,18 @@ def test_mode_grammar(name: str, impl: str, k: int, is_adaptive: bool) -> None:
 
 
 @pytest.mark.parametrize(
-    "name", ["plugin-k0", "plugin-k", "plugin-kx", "eagle", "none-k3", "adaptive-k3"]
+    "name",
+    [
+        "plugin-k0",
+        "plugin-k",
+        "plugin-kx",
+        "eagle",
+        "none-k3",
+        "adaptive-k3",
+        "dynamic-k0",
+        "dynamic-k16",
+        "dynamic",
+    ],
 )
 def test_unknown_modes_name_the_mode_and_the_grammar(name: str) -> None:
     with pytest.raises(DFlashConfigError, match=f"--modes={name!r}.*plugin-kN"):
@@ -336,3 +347,41 @@ def test_interleaved_run_goes_on_without_a_failed_engine(
     assert passes == ["a", "dies", "b", "dies", "b", "a", "a", "b", "b", "a"]
     assert next(c for c in calls if c[1] == "begin") == ("a", "begin", "8", "256")
     assert [c[0] for c in calls if c[1] == "close"] == ["a", "b"]
+
+
+def test_dynamic_mode_holds_one_k_on_adaptives_graphs() -> None:
+    """dynamic-kN: the schedule gives N at every batch an engine can run and
+    names adaptive's other candidates past them, so the engine captures
+    adaptive's graphs but verifies N drafts every step."""
+    mode = parse_mode("dynamic-k7", 15)
+    assert (mode.impl, mode.k, mode.held_k, mode.adaptive) == ("plugin", 15, 7, False)
+    assert mode.ks == adaptive.candidate_ks(15) == parse_mode("adaptive", 15).ks
+    assert mode.env == {"VLLM_DFLASH_USE_NATIVE": "0", "VLLM_DFLASH_ADAPTIVE_K": "0"}
+    schedule = mode.draft_schedule
+    assert schedule is not None and schedule[0] == (1, 1 << 20, 7)
+    assert sorted(k for *_, k in schedule) == sorted(mode.ks)
+    # vLLM's own expansion of the schedule: K 7 at every batch size.
+    from vllm.v1.spec_decode.dynamic.utils import build_dynamic_sd_schedule_lookup
+
+    lookup = build_dynamic_sd_schedule_lookup(
+        [list(e) for e in schedule],
+        vllm_max_batch_size=256,
+        vllm_num_speculative_tokens=15,
+    )
+    assert set(lookup[1:]) == {7}
+    # The same rates as adaptive (cut to --k), and no schedule elsewhere.
+    decay = list(bench.DECAY_RATES)
+    assert bench.mode_rates(mode, decay, 7.8, 15) == decay
+    assert parse_mode("plugin-k7", 15).draft_schedule is None
+    # Sorted after the fixed modes, before adaptive; never a "best fixed K".
+    names = ["adaptive", "dynamic-k7", "plugin-k3", "none"]
+    assert sorted(names, key=lambda n: bench.mode_sort_key(n, 15)) == [
+        "none",
+        "plugin-k3",
+        "dynamic-k7",
+        "adaptive",
+    ]
+    (summary,) = bench.summarize(
+        [_row("dynamic-k7", 8, 900.0, 15), _row("plugin-k3", 8, 800.0, 3)]
+    )
+    assert summary["best_fixed"] == "plugin-k3"
