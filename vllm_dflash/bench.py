@@ -722,8 +722,9 @@ class _RemoteEngine:
         self.mode = spec.mode
         self.log = log
         read_fd, write_fd = os.pipe()
-        with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-            json.dump(asdict(spec), f)
+        # Beside the log: what this engine ran, kept with the results.
+        spec_path = log.with_suffix(".spec.json")
+        spec_path.write_text(json.dumps(asdict(spec), indent=2))
         with open(log, "w") as sink:
             self.proc = subprocess.Popen(
                 [
@@ -731,7 +732,7 @@ class _RemoteEngine:
                     "-m",
                     "vllm_dflash.bench",
                     "--serve",
-                    f.name,
+                    str(spec_path),
                     str(write_fd),
                 ],
                 env=_worker_env(spec),
@@ -1280,5 +1281,4 @@ if __name__ == "__main__":
         Path(sys.argv[3]).write_text(json.dumps([asdict(r) for r in _worker(spec)]))
     elif len(sys.argv) == 4 and sys.argv[1] == "--serve":
         spec = BenchSpec(**json.loads(Path(sys.argv[2]).read_text()))
-        Path(sys.argv[2]).unlink()
         _serve(spec, int(sys.argv[3]))

@@ -109,6 +109,10 @@ def test_interleaved_modes_alternate_passes_on_identical_prompts(
     data = json.loads((out / "bench.json").read_text())
     assert data["meta"]["interleave"] is True and data["meta"]["complete"] is True
     assert data["meta"]["modes"]["dynamic-k3"]["held_k"] == 3
+    # Each engine's spec is kept beside its log.
+    spec = json.loads((out / "dynamic-k3.spec.json").read_text())
+    assert spec["draft_schedule"][0] == [1, 1 << 20, 3] and spec["k"] == 7
+    assert spec["memory_share"] == pytest.approx(1 / 3)
     rows = {(r["mode"], r["batch"]): r for r in data["rows"]}
     assert sorted(rows) == sorted((m, b) for m in modes for b in (1, 2))
     for batch in (2, 1):
