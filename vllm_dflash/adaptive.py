@@ -21,11 +21,12 @@ maximise expected output tokens per second:
   and by K itself): the time between consecutive outputs of the engine,
   which in steady state is one step of target verify + drafting + host work
   (steps that switch K are not samples: they draft for the other K). Each
-  batch bucket measures its candidates (``min_samples`` steps; first the K
-  of the nearest measured bucket, then from K = 0 up, skipping a K whose
-  floor already rules it out), then re-measures its rivals one at a time,
-  the longest unmeasured first: soon after the first measurement, then at
-  doubling intervals up to every ``refresh_every`` decisions. A key's
+  batch bucket that stays loaded measures its candidates (``min_samples``
+  steps; first the K of the nearest measured bucket, then from K = 0 up,
+  skipping a K whose floor already rules it out), then re-measures its
+  rivals one at a time, the closest to the best first: soon after the first
+  measurement, then at doubling intervals up to every ``refresh_every``
+  decisions. A key's
   samples are only as good as the phase they were taken in: on the H200 a
   Gemma 4 batch-64 bucket measured K 3 once (19.1 ms), ran K 15 from then
   on, re-measured only K 15's neighbour K 7, and reached 0.76x of fixed K 3.
