@@ -27,7 +27,6 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -462,9 +461,9 @@ def _memory_utilization(share: float = 1.0) -> float:
 class _Engine:
     """One mode's engine, timed batch by batch: ``begin`` (the untimed
     warm-up), ``timed_pass`` (one pass over fresh prompts, as often as the run
-    asks) and ``end`` (the row). The sequential worker (``_worker``) and the
-    interleaved one (``_serve``) drive it the same way, so both draw the same
-    prompts in the same order: every mode of a run sees identical inputs."""
+    asks) and ``end`` (the row), in a worker process (``_serve``). Every
+    mode's engine takes the same commands in the same order, so every mode of
+    a run draws the same prompts: identical inputs."""
 
     def __init__(self, spec: BenchSpec) -> None:
         import random
@@ -635,22 +634,6 @@ def _num_passes(spec: BenchSpec, output_len: int) -> int:
     return spec.repeats if output_len == spec.output_len else 1
 
 
-def _worker(spec: BenchSpec) -> list[BenchRow]:
-    """Run every batch size of one mode in this process."""
-    engine = _Engine(spec)
-    rows = []
-    for batch, output_len in _runs(spec):
-        engine.begin(batch, output_len)
-        # One pass of a short output at a high acceptance is a few dozen
-        # steps (26 at tau 10 and 256 tokens): time several, keep each.
-        for _ in range(_num_passes(spec, output_len)):
-            engine.timed_pass()
-        rows.append(engine.end())
-    if spec.profile_path:
-        _profile(engine.llm, engine.last_prompts[:1], spec.profile_path)
-    return rows
-
-
 def _profile(llm: Any, prompts: Any, path: str) -> None:
     """Profile one short generation; needs VLLM_ENABLE_V1_MULTIPROCESSING=0."""
     import torch
@@ -676,37 +659,15 @@ def _worker_env(spec: BenchSpec) -> dict[str, str]:
     return env
 
 
-def run_mode(spec: BenchSpec, log: Path) -> list[BenchRow]:
-    with tempfile.TemporaryDirectory() as tmp:
-        spec_path, out_path = Path(tmp, "spec.json"), Path(tmp, "rows.json")
-        spec_path.write_text(json.dumps(asdict(spec)))
-        cmd = [
-            sys.executable,
-            "-m",
-            "vllm_dflash.bench",
-            "--worker",
-            str(spec_path),
-            str(out_path),
-        ]
-        with open(log, "w") as sink:
-            proc = subprocess.run(
-                cmd, env=_worker_env(spec), stdout=sink, stderr=subprocess.STDOUT
-            )
-        if proc.returncode != 0 or not out_path.exists():
-            tail = log.read_text()[-3000:]
-            print(f"[bench] mode {spec.mode} failed (exit {proc.returncode}):\n{tail}")
-            return []
-        return [BenchRow(**r) for r in json.loads(out_path.read_text())]
-
-
-# -- interleaved runs ------------------------------------------------------
+# -- engines in worker processes --------------------------------------------
 #
-# Sequential modes are minutes apart, and on the H200 one engine's passes at
-# one batch spread by up to 20% (Gemma 4 fixed K 7 at batch 64: 10119-12390
-# tok/s): a comparison of two modes then says as much about when each ran as
-# about the mode. ``--interleave`` starts every mode's engine in its own
-# process, each with a share of the device, and times their passes in turn
-# (A B, B A, A B, ...), so drift in time falls on all of them alike.
+# Every mode's engine runs in a worker process of its own (``_serve``), driven
+# by commands. One after another by default; with ``--interleave`` all at
+# once, each with a share of the device, their passes taken in turn (A B,
+# B A, A B, ...). Modes run one after another are minutes apart, and on the
+# H200 one engine's passes at one batch spread by up to 2x: a comparison of
+# two modes then says as much about when each ran as about the mode.
+# Interleaved, what moves every engine's same pass falls on all of them alike.
 
 
 class _WorkerDied(RuntimeError):
@@ -721,6 +682,7 @@ class _RemoteEngine:
     def __init__(self, spec: BenchSpec, log: Path) -> None:
         self.mode = spec.mode
         self.log = log
+        self.profiles = spec.profile_path is not None
         read_fd, write_fd = os.pipe()
         # Beside the log: what this engine ran, kept with the results.
         spec_path = log.with_suffix(".spec.json")
@@ -776,8 +738,8 @@ class _RemoteEngine:
 
 
 def _serve(spec: BenchSpec, reply_fd: int) -> None:
-    """The worker of an interleaved run: start the engine, say so, then run
-    ``begin`` / ``pass`` / ``end`` commands from stdin until it closes."""
+    """A bench worker: start the engine, say so, then run ``begin`` /
+    ``pass`` / ``end`` / ``profile`` commands from stdin until it closes."""
     with os.fdopen(reply_fd, "w") as replies:
 
         def reply(value: Any) -> None:
@@ -795,6 +757,9 @@ def _serve(spec: BenchSpec, reply_fd: int) -> None:
                 reply(engine.timed_pass())
             elif op == "end":
                 reply(asdict(engine.end()))
+            elif op == "profile" and spec.profile_path:
+                _profile(engine.llm, engine.last_prompts[:1], spec.profile_path)
+                reply(None)
 
 
 def pass_order(modes: list[str], index: int) -> list[str]:
@@ -805,20 +770,25 @@ def pass_order(modes: list[str], index: int) -> list[str]:
     return modes[shift:] + modes[:shift]
 
 
-def run_interleaved(
+def run_engines(
     specs: list[BenchSpec],
     out: Path,
     on_batch: Callable[[list[BenchRow]], None] | None = None,
 ) -> list[str]:
-    """Run every mode's engine at once, passes taken in turn (``pass_order``).
-    Calls ``on_batch(rows)`` with each batch's rows (so a run cut short keeps
-    them); returns the modes that failed."""
+    """Run the modes' engines at once (one spec: one engine alone), each
+    batch's passes taken in turn (``pass_order``), and each engine's
+    ``--profile`` table at the end. Calls ``on_batch(rows)`` with each
+    batch's rows (so a run cut short keeps them); returns the modes that
+    failed."""
     engines: list[_RemoteEngine] = []
     failed: list[str] = []
     # One engine starts at a time: vLLM sizes its KV cache from the memory it
     # finds free after profiling, which another engine starting would skew.
     for spec in specs:
-        print(f"[bench] starting mode {spec.mode} (interleaved)", flush=True)
+        print(
+            f"[bench] starting mode {spec.mode} (engine start can take minutes)",
+            flush=True,
+        )
         try:
             engines.append(_RemoteEngine(spec, out / f"{spec.mode}.log"))
         except _WorkerDied as e:
@@ -846,6 +816,7 @@ def run_interleaved(
             rows = [BenchRow(**r) for r in each(list(engines), "end").values()]
             if on_batch is not None:
                 on_batch(rows)
+        each([e for e in engines if e.profiles], "profile")
     finally:
         for engine in engines:
             engine.close()
@@ -1236,27 +1207,17 @@ def bench_command(args: argparse.Namespace) -> int:
     long_rows: list[BenchRow] = []
 
     def add(new_rows: list[BenchRow], done: bool) -> None:
-        # After every mode (every batch, interleaved), so a run cut short by
-        # a time limit keeps its rows.
+        # After every batch, so a run cut short by a time limit keeps its rows.
         long_rows.extend(r for r in new_rows if r.output_len != args.output_len)
         rows.extend(r for r in new_rows if r.output_len == args.output_len)
         meta = _meta(args, modes, sizes, tau, profile_name, profile, rows)
         write_json(out, meta, rows, long_rows, done=done)
 
-    if args.interleave:
-        failed = run_interleaved(specs, out, lambda batch_rows: add(batch_rows, False))
-        add([], True)
-    else:
-        failed = []
-        for spec in specs:
-            print(
-                f"[bench] starting mode {spec.mode} (engine start can take minutes)",
-                flush=True,
-            )
-            mode_rows = run_mode(spec, out / f"{spec.mode}.log")
-            if not mode_rows:
-                failed.append(spec.mode)
-            add(mode_rows, spec is specs[-1])
+    groups = [specs] if args.interleave else [[spec] for spec in specs]
+    failed = []
+    for group in groups:
+        failed += run_engines(group, out, lambda batch_rows: add(batch_rows, False))
+    add([], True)
     print_table(rows, args.k)
     if long_rows:
         print_long(long_rows)
@@ -1276,9 +1237,6 @@ def bench_command(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 4 and sys.argv[1] == "--worker":
-        spec = BenchSpec(**json.loads(Path(sys.argv[2]).read_text()))
-        Path(sys.argv[3]).write_text(json.dumps([asdict(r) for r in _worker(spec)]))
-    elif len(sys.argv) == 4 and sys.argv[1] == "--serve":
+    if len(sys.argv) == 4 and sys.argv[1] == "--serve":
         spec = BenchSpec(**json.loads(Path(sys.argv[2]).read_text()))
         _serve(spec, int(sys.argv[3]))

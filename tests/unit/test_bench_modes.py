@@ -183,44 +183,55 @@ def test_summary_and_table_name_every_mode(capsys: pytest.CaptureFixture[str]) -
     assert "adaptive/best" in table and "1.20x" in table
 
 
-def test_bench_json_is_written_after_every_mode(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("interleave", [False, True])
+def test_bench_json_is_written_after_every_batch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, interleave: bool
 ) -> None:
     """A run stopped by a time limit (the GPU machine allows 10 minutes a
-    command) keeps the rows of the modes that finished."""
+    command) keeps the rows of the batches that finished. Modes run one
+    engine at a time, or all at once with --interleave."""
     seen: list[dict[str, Any]] = []
+    groups: list[list[str]] = []
 
-    def fake_run_mode(spec: bench.BenchSpec, log: Path) -> list[BenchRow]:
-        if (tmp_path / "bench.json").exists():
-            seen.append(json.loads((tmp_path / "bench.json").read_text()))
-        tok_s = {"none": 100.0, "plugin": 400.0}[spec.mode]
-        return [
-            BenchRow(spec.mode, 1, 256, 256 / tok_s, tok_s, None, "v1", spec.k, 256)
-        ]
+    def fake_run_engines(
+        specs: list[bench.BenchSpec], out: Path, on_batch: Any
+    ) -> list[str]:
+        groups.append([spec.mode for spec in specs])
+        for batch in specs[0].batch_sizes:
+            if (tmp_path / "bench.json").exists():
+                seen.append(json.loads((tmp_path / "bench.json").read_text()))
+            on_batch(
+                [
+                    BenchRow(spec.mode, batch, 256, 1.0, 256.0, None, "v1", spec.k, 256)
+                    for spec in specs
+                ]
+            )
+        return []
 
-    monkeypatch.setattr(bench, "run_mode", fake_run_mode)
+    monkeypatch.setattr(bench, "run_engines", fake_run_engines)
     monkeypatch.setattr(bench, "plot", lambda *a, **k: None)
     parser = argparse.ArgumentParser()
     bench.add_arguments(parser)
-    args = parser.parse_args(
-        [
-            "--preset",
-            "tiny",
-            "--modes",
-            "none,plugin",
-            "--batch-sizes",
-            "1",
-            "--out",
-            str(tmp_path),
+    argv = ["--preset", "tiny", "--modes", "none,plugin", "--batch-sizes", "1,2"]
+    argv += ["--out", str(tmp_path)] + (["--interleave"] if interleave else [])
+    assert bench.bench_command(parser.parse_args(argv)) == 0
+    assert groups == ([["none", "plugin"]] if interleave else [["none"], ["plugin"]])
+    # Before each batch after the first: what the finished batches wrote.
+    assert all(partial["meta"]["complete"] is False for partial in seen)
+    written = [sorted((r["mode"], r["batch"]) for r in p["rows"]) for p in seen]
+    if interleave:
+        assert written == [[("none", 1), ("plugin", 1)]]
+    else:
+        assert written == [
+            [("none", 1)],
+            [("none", 1), ("none", 2)],
+            [("none", 1), ("none", 2), ("plugin", 1)],
         ]
-    )
-    assert bench.bench_command(args) == 0
-    (partial,) = seen
-    assert partial["meta"]["complete"] is False
-    assert [r["mode"] for r in partial["rows"]] == ["none"]
     final = json.loads((tmp_path / "bench.json").read_text())
-    assert final["meta"]["complete"] is True
-    assert [r["mode"] for r in final["rows"]] == ["none", "plugin"]
+    assert (
+        final["meta"]["complete"] is True and final["meta"]["interleave"] is interleave
+    )
+    assert len(final["rows"]) == 4
 
 
 def test_repeats_below_one_is_refused(tmp_path: Path) -> None:
@@ -305,7 +316,7 @@ def test_paired_ratio_of_the_h200_interleaved_run() -> None:
 def test_interleaved_run_goes_on_without_a_failed_engine(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """run_interleaved's order of commands, and what happens when an engine
+    """run_engines' order of commands, and what happens when an engine
     fails to start or dies mid-run (the engines are stand-ins here; the e2e
     test runs real ones)."""
     calls: list[tuple[str, ...]] = []
@@ -316,6 +327,7 @@ def test_interleaved_run_goes_on_without_a_failed_engine(
                 raise bench._WorkerDied("[bench] mode broken failed (exit 1)")
             self.mode = spec.mode
             self.passes = 0
+            self.profiles = spec.mode == "b"
 
         def call(self, op: str, *args: Any) -> Any:
             calls.append((self.mode, op, *map(str, args)))
@@ -335,9 +347,9 @@ def test_interleaved_run_goes_on_without_a_failed_engine(
     specs = [
         bench.BenchSpec(mode, "target", None, [8, 1], repeats=2)
         for mode in ("a", "broken", "dies", "b")
-    ]
+    ]  # b also writes a --profile table at the end
     batches: list[list[str]] = []
-    failed = bench.run_interleaved(
+    failed = bench.run_engines(
         specs, tmp_path, lambda rows: batches.append([r.mode for r in rows])
     )
     assert failed == ["broken", "dies"]
@@ -346,7 +358,11 @@ def test_interleaved_run_goes_on_without_a_failed_engine(
     # Batch 8: a dies b, then dies b a (dies fails there); batch 1: a b, b a.
     assert passes == ["a", "dies", "b", "dies", "b", "a", "a", "b", "b", "a"]
     assert next(c for c in calls if c[1] == "begin") == ("a", "begin", "8", "256")
-    assert [c[0] for c in calls if c[1] == "close"] == ["a", "b"]
+    assert [c[:2] for c in calls if c[1] in ("profile", "close")] == [
+        ("b", "profile"),
+        ("a", "close"),
+        ("b", "close"),
+    ]
 
 
 def test_dynamic_mode_holds_one_k_on_adaptives_graphs() -> None:
