@@ -757,9 +757,12 @@ def _serve(spec: BenchSpec, reply_fd: int) -> None:
                 reply(engine.timed_pass())
             elif op == "end":
                 reply(asdict(engine.end()))
-            elif op == "profile" and spec.profile_path:
-                _profile(engine.llm, engine.last_prompts[:1], spec.profile_path)
+            elif op == "profile":
+                if spec.profile_path:
+                    _profile(engine.llm, engine.last_prompts[:1], spec.profile_path)
                 reply(None)
+            else:
+                raise ValueError(f"vllm-dflash bench worker: unknown command {op!r}")
 
 
 def pass_order(modes: list[str], index: int) -> list[str]:
@@ -804,6 +807,7 @@ def run_engines(
                 print(e, flush=True)
                 failed.append(engine.mode)
                 engines.remove(engine)
+                engine.close()
         return results
 
     try:
