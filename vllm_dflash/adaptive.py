@@ -325,7 +325,7 @@ class AdaptiveDraftLength:
         self.steps = 0
         # Run-length decisions in order: [first step, batch bucket, K, steps].
         self.trace: deque[list[int]] = deque(maxlen=TRACE_RUNS)
-        # Per batch bucket: its recent visits (``_recent_visits``) as of a step.
+        # Per batch bucket: its recent visits (``_visit``) as of a step.
         self._visits: dict[int, tuple[float, int]] = {}
         self._measured: set[int] = set()  # buckets past their exploration
         self._since_measured: Counter[int] = Counter()  # choices since then
@@ -358,7 +358,7 @@ class AdaptiveDraftLength:
 
         A new batch bucket first runs the K the nearest measured bucket
         would run, until it has ``explore_after`` recent visits
-        (``_recent_visits``; the first bucket of all has no such K and
+        (``_visit``; the first bucket of all has no such K and
         measures at once). It then measures its candidates
         (``min_samples`` steps each), that K first and then from K = 0 up,
         each only while it could still win: its expected tokens over the
@@ -372,8 +372,12 @@ class AdaptiveDraftLength:
         """
         bucket = batch_bucket(batch)
         donor = self._donor(bucket)
-        if donor is not None and self._recent_visits(bucket) <= self.explore_after:
-            return donor
+        if donor is not None:
+            # Only a bucket that has a donor counts its visits: the others
+            # measure (the first bucket) or are measured.
+            visits = self._visit(bucket)
+            if visits <= self.explore_after:
+                return donor
         refreshing = self._refreshing.pop(bucket, None)
         if refreshing is not None:
             k, left = refreshing
@@ -437,10 +441,10 @@ class AdaptiveDraftLength:
         self._refreshing[bucket] = (k, self.min_samples)
         return k
 
-    def _recent_visits(self, bucket: int) -> float:
-        """Count this decision as a visit of ``bucket`` and return its
-        visits so far, each forgotten by ``1 - 1 / explore_horizon`` per
-        decision since (of any bucket)."""
+    def _visit(self, bucket: int) -> float:
+        """Count this decision as a visit of ``bucket``; return its recent
+        visits, each forgotten by ``1 - 1 / explore_horizon`` per decision
+        since (of any bucket)."""
         visits, step = self._visits.get(bucket, (0.0, self.steps))
         visits = visits * (1.0 - 1.0 / self.explore_horizon) ** (self.steps - step)
         self._visits[bucket] = (visits + 1.0, self.steps)

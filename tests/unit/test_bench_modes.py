@@ -269,9 +269,11 @@ def test_interleave_with_profile_is_refused(tmp_path: Path) -> None:
 
 
 def test_paired_ratio_needs_interleaved_passes() -> None:
-    def row(rates: list[float], starts: list[float]) -> BenchRow:
+    def row(
+        rates: list[float], starts: list[float], mode: str = "m", tok_s: float = 0.0
+    ) -> BenchRow:
         return BenchRow(
-            "m", 8, 10, 1.0, 0.0, None, "v2", 7, 256, None, None, rates, starts
+            mode, 8, 10, 1.0, tok_s, None, pass_tok_per_s=rates, pass_start_s=starts
         )
 
     # Both engines' passes move together (the second pass is slow for both):
@@ -286,12 +288,10 @@ def test_paired_ratio_needs_interleaved_passes() -> None:
     assert bench.paired_ratio(row([900.0, 550.0], []), fixed) is None
     summary = bench.summarize(
         [
-            BenchRow("adaptive", 8, 10, 1.0, 725.0, None, "v2", 15, 256, None, None,
-                     [900.0, 550.0], [0.0, 2.0]),
-            BenchRow("plugin", 8, 10, 1.0, 750.0, None, "v2", 15, 256, None, None,
-                     [1000.0, 500.0], [1.0, 3.0]),
+            row([900.0, 550.0], [0.0, 2.0], "adaptive", 725.0),
+            row([1000.0, 500.0], [1.0, 3.0], "plugin", 750.0),
         ]
-    )  # fmt: skip
+    )
     assert summary[0]["adaptive_vs_best_fixed"] == pytest.approx(725 / 750)
     assert summary[0]["adaptive_vs_best_fixed_paired"] == pytest.approx(0.995, abs=1e-3)
 
