@@ -26,11 +26,14 @@ maximise expected output tokens per second:
   skipping a K whose floor already rules it out), then re-measures its
   rivals one at a time, the closest to the best first: soon after the first
   measurement, then at doubling intervals up to every ``refresh_every``
-  decisions. A key's
+  decisions, each followed by as many steps of the best K. A key's
   samples are only as good as the phase they were taken in: on the H200 a
   Gemma 4 batch-64 bucket measured K 3 once (19.1 ms), ran K 15 from then
   on, re-measured only K 15's neighbour K 7, and reached 0.76x of fixed K 3.
-  A re-measurement replaces the key's samples. Costs are
+  A re-measurement replaces the key's samples, and a key's cost is kept
+  relative to the steps around its measurement, times a level that follows
+  the bucket's steps since: a drift that slows every K alike (the content,
+  the context, another tenant on the GPU) does not change the choice. Costs are
   not shared across batch sizes or K through a token count: the same number
   of verified tokens costs different times at different batch sizes
   (attention reads every request's context; the drafter's context grows
@@ -85,7 +88,8 @@ RIVAL_FRACTION = 0.5
 # passes, 0.96x of fixed K 15.
 EXPLORE_AFTER = 16
 EXPLORE_HORIZON = 64
-# A key's cost is the median of its last WINDOW samples.
+# A batch bucket's level (StepCost) is the median of its last WINDOW steps;
+# WINDOW samples per key are kept for the snapshot.
 WINDOW = 8
 # Runs of equal decisions kept for ``snapshot()["trace"]`` (the order of
 # choices, which the per-key counts lose).
@@ -183,23 +187,52 @@ Key = tuple[int, int]  # (batch bucket, K)
 
 @dataclass
 class StepCost:
-    """Decode-step seconds per (batch bucket, K).
+    """Decode-step seconds per (batch bucket, K), as a level that follows the
+    bucket's steps and each K's cost relative to it.
 
-    A key's estimate is the median of its last WINDOW samples, then capped
-    (``_capped``): a step costs no more than any step with as many or more
-    drafts and requests (the cheapest of them bounds it), nor more than a
-    smaller K with drafts scaled by the verified tokens. Step-time noise is
-    one-sided (a JIT compile, a host hiccup, a neighbour on the GPU): an
-    outlier makes a key look dearer, never cheaper, and the caps bound it by
-    what was measured around it.
+    Step time drifts by more than K changes it: on the H200 a Gemma 4
+    batch-64 bucket read K 7 at 16.3 ms in one run and 28.6 ms in another,
+    and one engine's benchmark passes spread by up to 2.3x. Keys measured at
+    different times are therefore not compared by their seconds. A key's
+    first ``min_samples`` samples (after it is new or forgotten for a
+    re-measurement) measure it against the bucket's level just before: its
+    ``relative`` cost is their median over the level's. Its later samples,
+    as the K the bucket runs, move the level (each sample over its key's
+    relative cost; the median of the last WINDOW). A key's estimate is its
+    relative cost times the current level, so a drift that slows every K
+    alike leaves the choice alone, and the choice between two K rests on
+    steps taken back to back. Where the next ``min_samples`` level samples
+    come from other keys (the policy goes back to its best K after
+    re-measuring a rival), the relative cost is taken over the level both
+    before and after the measurement: a drift in the middle of it then
+    biases it by half as much. The first key of a bucket sets the scale
+    (relative cost 1). A key still being measured is estimated by its
+    samples' median.
+
+    Estimates are then capped (``_capped``): a step costs no more than any
+    step with as many or more drafts and requests (the cheapest of them
+    bounds it), nor more than a smaller K with drafts scaled by the verified
+    tokens. Step-time noise is one-sided (a JIT compile, a host hiccup, a
+    neighbour on the GPU): an outlier makes a key look dearer, never
+    cheaper, and the caps bound it by what was measured around it.
 
     The first step of a key is not a sample: a shape's first run pays
     one-off costs (oneDNN primitive creation on CPU, Triton autotuning and
     JIT) that can be ten times a step, and would make that K look hopeless.
     """
 
+    min_samples: int = MIN_SAMPLES
     seen: Counter[Key] = field(default_factory=Counter)
     recent: dict[Key, deque[float]] = field(default_factory=dict)
+    # Per measured key: its cost over its bucket's level.
+    relative: dict[Key, float] = field(default_factory=dict)
+    # Per batch bucket: recent steps' seconds over their key's relative cost.
+    level: dict[int, deque[float]] = field(default_factory=dict)
+    # Per key just measured: the median of its samples, and the level samples
+    # before it (the last min_samples) and since (until min_samples).
+    _bracket: dict[Key, tuple[float, list[float], list[float]]] = field(
+        default_factory=dict, repr=False
+    )
     # The capped estimates, rebuilt after a new sample (the scheduler asks
     # for them several times per step; samples arrive at most once per step).
     _table: dict[Key, float] | None = field(default=None, repr=False, compare=False)
@@ -207,21 +240,60 @@ class StepCost:
     def observe(self, batch: int, k: int, seconds: float) -> None:
         key = (batch_bucket(batch), k)
         self.seen[key] += 1
-        if self.seen[key] > 1:
-            self.recent.setdefault(key, deque(maxlen=WINDOW)).append(seconds)
-            self._table = None
+        if self.seen[key] == 1:
+            return
+        samples = self.recent.setdefault(key, deque(maxlen=WINDOW))
+        samples.append(seconds)
+        self._table = None
+        level = self.level.setdefault(key[0], deque(maxlen=WINDOW))
+        relative = self.relative.get(key)
+        if relative is None and not level:
+            relative = self.relative[key] = 1.0
+        elif relative is None:
+            if len(samples) >= self.min_samples:
+                own = statistics.median(samples)
+                before = list(level)[-self.min_samples :]
+                self.relative[key] = own / statistics.median(before)
+                self._bracket[key] = (own, before, [])
+            return
+        level.append(seconds / relative)
+        # The key's own steps say nothing about the level around its
+        # measurement; the other keys' steps complete the bracket.
+        self._bracket.pop(key, None)
+        for other, (own, before, after) in list(self._bracket.items()):
+            if other[0] != key[0]:
+                continue
+            after.append(seconds / relative)
+            if len(after) >= self.min_samples:
+                self.relative[other] = own / statistics.median(before + after)
+                del self._bracket[other]
 
     def forget(self, batch: int, k: int) -> None:
-        """Drop a key's samples before it is re-measured: the new ones
-        replace them rather than mix with samples from another phase."""
+        """Drop a key's samples and relative cost before it is re-measured:
+        the new ones replace them rather than mix with another phase's."""
         key = (batch_bucket(batch), k)
+        self.relative.pop(key, None)
+        self._bracket.pop(key, None)
         if self.recent.pop(key, None) is not None:
             self._table = None
 
+    def current(self) -> dict[Key, float]:
+        """Each key's seconds now, before the caps: its relative cost times
+        its bucket's level, or (while it is being measured, or where samples
+        were set directly) its samples' median."""
+        levels = {b: statistics.median(v) for b, v in self.level.items() if v}
+        current = {}
+        for key, samples in self.recent.items():
+            relative, level = self.relative.get(key), levels.get(key[0])
+            if relative is not None and level is not None:
+                current[key] = relative * level
+            elif samples:
+                current[key] = statistics.median(samples)
+        return current
+
     def _estimates(self) -> dict[Key, float]:
         if self._table is None:
-            medians = {key: statistics.median(v) for key, v in self.recent.items() if v}
-            self._table = _capped(medians)
+            self._table = _capped(self.current())
         return self._table
 
     def estimate(self, batch: int, k: int) -> float | None:
@@ -320,7 +392,7 @@ class AdaptiveDraftLength:
         self.explore_after = explore_after
         self.explore_horizon = explore_horizon
         self.acceptance = acceptance or AcceptanceEstimate(k_max)
-        self.cost = StepCost()
+        self.cost = StepCost(min_samples)
         self.decisions: Counter[tuple[int, int]] = Counter()
         self.steps = 0
         # Run-length decisions in order: [first step, batch bucket, K, steps].
@@ -330,9 +402,10 @@ class AdaptiveDraftLength:
         self._measured: set[int] = set()  # buckets past their exploration
         self._since_measured: Counter[int] = Counter()  # choices since then
         # Per measured bucket: the choice count of its next re-measurement and
-        # the interval before it; the K being re-measured and steps left.
+        # the interval before it; the K of its next steps while it re-measures
+        # a rival (the rival's, then the best K's).
         self._next_refresh: dict[int, tuple[int, int]] = {}
-        self._refreshing: dict[int, tuple[int, int]] = {}
+        self._refreshing: dict[int, deque[int]] = {}
         # Per measured bucket: the best K of its current round of
         # re-measurements and the rivals re-measured in that round.
         self._round: dict[int, tuple[int, set[int]]] = {}
@@ -378,11 +451,11 @@ class AdaptiveDraftLength:
             visits = self._visit(bucket)
             if visits <= self.explore_after:
                 return donor
-        refreshing = self._refreshing.pop(bucket, None)
-        if refreshing is not None:
-            k, left = refreshing
-            if left > 1:
-                self._refreshing[bucket] = (k, left - 1)
+        plan = self._refreshing.get(bucket)
+        if plan:
+            k = plan.popleft()
+            if not plan:
+                del self._refreshing[bucket]
             return k
         best_k, best = self._best_measured(batch)
         # The donor's K first: once it is measured, the floors of the others
@@ -400,9 +473,11 @@ class AdaptiveDraftLength:
         return self._refresh(batch, best_k, best)
 
     def _refresh(self, batch: int, best_k: int, best: float) -> int:
-        """``best_k``, or at the bucket's next re-measurement a rival (its
-        samples forgotten, then ``min_samples + 1`` steps of it: the first
-        drafts for it while verifying the previous K, so it is no sample).
+        """``best_k``, or at the bucket's next re-measurement a rival: its
+        samples forgotten, then ``min_samples + 1`` steps of it (the first
+        drafts for it while verifying the previous K, so it is no sample)
+        and as many of ``best_k`` whatever the rival's new cost, so that
+        ``StepCost`` brackets it by the level before and after.
 
         Rivals are re-measured in rounds, one per re-measurement: the
         closest to the best in expected throughput first, each once, and a
@@ -438,7 +513,9 @@ class AdaptiveDraftLength:
         )
         self._round[bucket] = (best_k, done | {k})
         self.cost.forget(batch, k)
-        self._refreshing[bucket] = (k, self.min_samples)
+        self._refreshing[bucket] = deque(
+            [k] * self.min_samples + [best_k] * (self.min_samples + 1)
+        )
         return k
 
     def _visit(self, bucket: int) -> float:
@@ -539,11 +616,19 @@ class AdaptiveDraftLength:
                 f"b{bucket}/K{k}": n
                 for (bucket, k), n in sorted(self.decisions.items())
             },
-            # "b8/K7": median ms of batch bucket 8's K 7 steps, sample count.
+            # "b8/K7": ms of a batch bucket 8 step at K 7 now (before the
+            # caps; StepCost.current) and its sample count.
             "step_ms": {
-                f"b{bucket}/K{k}": [round(1e3 * statistics.median(v), 3), len(v)]
-                for (bucket, k), v in sorted(self.cost.recent.items())
-                if v
+                f"b{bucket}/K{k}": [
+                    round(1e3 * ms, 3),
+                    len(self.cost.recent[(bucket, k)]),
+                ]
+                for (bucket, k), ms in sorted(self.cost.current().items())
+            },
+            # "b8/K7": K 7's cost over batch bucket 8's level, as measured.
+            "step_relative": {
+                f"b{bucket}/K{k}": round(r, 4)
+                for (bucket, k), r in sorted(self.cost.relative.items())
             },
             # "b8/K7": the samples behind it, oldest first (ms), to tell a
             # steady cost from a bimodal one that the median hides.
