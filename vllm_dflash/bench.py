@@ -856,6 +856,24 @@ def paired_ratio(a: BenchRow, b: BenchRow) -> float | None:
     together from pass to pass (on the H200 by up to 2x at one batch), so the
     ratio of the same pass compares the modes where the ratio of medians
     carries that spread."""
+    logs = _paired_logs(a, b)
+    return None if logs is None else math.exp(statistics.fmean(logs))
+
+
+def paired_error(a: BenchRow, b: BenchRow) -> float | None:
+    """The standard error of ``paired_ratio``'s logarithm (0.05: about 5% of
+    the ratio either way): the pass ratios' spread over the square root of
+    their number. None where the passes were not interleaved or are fewer
+    than two. It is what "within noise" is measured against: on the H200 a
+    Gemma 4 batch-64 pair at one K read 0.68-1.35x pass by pass."""
+    logs = _paired_logs(a, b)
+    if logs is None or len(logs) < 2:
+        return None
+    return statistics.stdev(logs) / math.sqrt(len(logs))
+
+
+def _paired_logs(a: BenchRow, b: BenchRow) -> list[float] | None:
+    """log(a's pass / b's same pass) per pass, or None (``paired_ratio``)."""
     n = len(a.pass_tok_per_s)
     if (
         n == 0
@@ -867,10 +885,9 @@ def paired_ratio(a: BenchRow, b: BenchRow) -> float | None:
     rounds = list(zip(a.pass_start_s, b.pass_start_s, strict=True))
     if any(max(now) >= min(later) for now, later in pairwise(rounds)):
         return None
-    logs = [
+    return [
         math.log(x / y) for x, y in zip(a.pass_tok_per_s, b.pass_tok_per_s, strict=True)
     ]
-    return math.exp(statistics.fmean(logs))
 
 
 def summarize(rows: list[BenchRow]) -> list[dict[str, Any]]:
@@ -895,6 +912,9 @@ def summarize(rows: list[BenchRow]) -> list[dict[str, Any]]:
                 "adaptive_vs_best_fixed_paired": (
                     paired_ratio(adaptive, best) if adaptive and best else None
                 ),
+                "adaptive_vs_best_fixed_paired_error": (
+                    paired_error(adaptive, best) if adaptive and best else None
+                ),
                 "adaptive_vs_none": (
                     adaptive.tok_per_s / none.tok_per_s if adaptive and none else None
                 ),
@@ -905,6 +925,10 @@ def summarize(rows: list[BenchRow]) -> list[dict[str, Any]]:
 
 def _ratio(x: float | None) -> str:
     return "-" if x is None else f"{x:.2f}x"
+
+
+def _percent(x: float | None) -> str:
+    return "-" if x is None else f"±{100 * x:.0f}%"
 
 
 def print_long(rows: list[BenchRow]) -> None:
@@ -950,7 +974,7 @@ def print_table(rows: list[BenchRow], k: int) -> None:
         print(
             f"{'batch':>6} {'best fixed K':>{width}} {'tok/s':>10} "
             f"{'adaptive/best':>13} {'adaptive/none':>13}"
-            + (f" {'paired':>7}" if paired else "")
+            + (f" {'paired':>7} {'error':>6}" if paired else "")
         )
         for s in summary:
             tok_s = s["best_fixed_tok_per_s"]
@@ -961,6 +985,7 @@ def print_table(rows: list[BenchRow], k: int) -> None:
                 f"{_ratio(s['adaptive_vs_none']):>13}"
                 + (
                     f" {_ratio(s['adaptive_vs_best_fixed_paired']):>7}"
+                    f" {_percent(s['adaptive_vs_best_fixed_paired_error']):>6}"
                     if paired
                     else ""
                 )

@@ -281,8 +281,12 @@ def test_paired_ratio_needs_interleaved_passes() -> None:
     adaptive = row([900.0, 550.0], [0.0, 2.0])
     fixed = row([1000.0, 500.0], [1.0, 3.0])
     assert bench.paired_ratio(adaptive, fixed) == pytest.approx(math.sqrt(0.9 * 1.1))
+    # The standard error of the log: |log 0.9 - log 1.1| / sqrt(2) / sqrt(2).
+    assert bench.paired_error(adaptive, fixed) == pytest.approx(math.log(1.1 / 0.9) / 2)
+    assert bench.paired_error(row([900.0], [0.0]), row([1000.0], [1.0])) is None
     # One mode's passes all before the other's: not paired.
     assert bench.paired_ratio(adaptive, row([1000.0, 500.0], [5.0, 6.0])) is None
+    assert bench.paired_error(adaptive, row([1000.0, 500.0], [5.0, 6.0])) is None
     # Unequal pass counts, or rows without start times (older JSON).
     assert bench.paired_ratio(adaptive, row([1000.0], [1.0])) is None
     assert bench.paired_ratio(row([900.0, 550.0], []), fixed) is None
@@ -294,6 +298,9 @@ def test_paired_ratio_needs_interleaved_passes() -> None:
     )
     assert summary[0]["adaptive_vs_best_fixed"] == pytest.approx(725 / 750)
     assert summary[0]["adaptive_vs_best_fixed_paired"] == pytest.approx(0.995, abs=1e-3)
+    assert summary[0]["adaptive_vs_best_fixed_paired_error"] == pytest.approx(
+        0.1003, abs=1e-4
+    )
 
 
 def test_paired_ratio_of_the_h200_interleaved_run() -> None:
@@ -307,6 +314,9 @@ def test_paired_ratio_of_the_h200_interleaved_run() -> None:
     rows = {(r["mode"], r["batch"]): BenchRow(**r) for r in data["rows"]}
     ratio = bench.paired_ratio(rows[("adaptive", 8)], rows[("plugin", 8)])
     assert ratio == pytest.approx(0.954, abs=5e-4)
+    # Two standard errors under 1 (docs/adaptive.md: "2 sigma").
+    error = bench.paired_error(rows[("adaptive", 8)], rows[("plugin", 8)])
+    assert error is not None and 1.8 < -math.log(ratio) / error < 2.6
     # Its median passes say 0.96x: the two differ by what pairing removes.
     assert rows[("adaptive", 8)].tok_per_s / rows[("plugin", 8)].tok_per_s == (
         pytest.approx(0.9605, abs=5e-4)
