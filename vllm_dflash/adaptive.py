@@ -191,9 +191,10 @@ class StepCost:
     bucket's steps and each K's cost relative to it.
 
     Step time drifts by more than K changes it: on the H200 a Gemma 4
-    batch-64 bucket read K 7 at 16.3 ms in one run and 28.6 ms in another,
-    and one engine's benchmark passes spread by up to 2.3x. Keys measured at
-    different times are therefore not compared by their seconds. A key's
+    batch-64 bucket's K 7 steps read 24-27 ms and, a few steps later in the
+    same pass (requests finishing, the batch still in the bucket), 13.5-15.3
+    ms, and one engine's benchmark passes spread by up to 2.3x. Keys measured
+    at different times are therefore not compared by their seconds. A key's
     first ``min_samples`` samples (after it is new or forgotten for a
     re-measurement) measure it against the bucket's level just before: its
     ``relative`` cost is their median over the level's. Its later samples,

@@ -244,9 +244,9 @@ def test_a_slow_first_run_of_a_shape_does_not_rule_k_out() -> None:
 
 
 def test_costs_are_relative_to_a_level_that_follows_the_steps() -> None:
-    """On the H200 a Gemma 4 batch-64 bucket read K 7 at 16.3 ms in one run
-    and 28.6 ms in another: a rival is measured against the steps just
-    before and after it, and its estimate moves with the steps since."""
+    """On the H200 a Gemma 4 batch-64 bucket's K 7 steps read 24-27 ms and,
+    a few steps later, 13.5-15.3 ms: a rival is measured against the steps
+    just before and after it, and its estimate moves with the steps since."""
     cost = adaptive.StepCost(min_samples=3)
     for seconds in [0.5] + [0.010] * 8:  # the first step of a key: warm-up
         cost.observe(64, 7, seconds)
