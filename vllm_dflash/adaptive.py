@@ -248,23 +248,35 @@ class StepCost:
         self._table = None
         level = self.level.setdefault(key[0], deque(maxlen=WINDOW))
         relative = self.relative.get(key)
-        if relative is None and not level:
-            relative = self.relative[key] = 1.0
-        elif relative is None:
-            if len(samples) >= self.min_samples:
-                own = statistics.median(samples)
-                before = list(level)[-self.min_samples :]
-                self.relative[key] = own / statistics.median(before)
-                self._bracket[key] = (own, before, [])
+        if relative is None and level:
+            self._measure(key, samples, level)
+        else:
+            if relative is None:  # the bucket's first key sets the scale
+                relative = self.relative[key] = 1.0
+            self._step(key, seconds / relative)
+
+    def _measure(self, key: Key, samples: deque[float], level: deque[float]) -> None:
+        """A sample of a key being measured: with ``min_samples`` of them, its
+        cost over the level of the bucket's steps just before (``_step``
+        brackets it with the steps after)."""
+        if len(samples) < self.min_samples:
             return
-        level.append(seconds / relative)
-        # The key's own steps say nothing about the level around its
-        # measurement; the other keys' steps complete the bracket.
+        own = statistics.median(samples)
+        before = list(level)[-self.min_samples :]
+        self.relative[key] = own / statistics.median(before)
+        self._bracket[key] = (own, before, [])
+
+    def _step(self, key: Key, level_s: float) -> None:
+        """A step of a measured key, at ``level_s`` seconds of the level: it
+        moves its bucket's level and completes the brackets of the keys
+        measured before it. A key's own steps say nothing about the level
+        around its measurement: they drop its bracket."""
+        self.level[key[0]].append(level_s)
         self._bracket.pop(key, None)
         for other, (own, before, after) in list(self._bracket.items()):
             if other[0] != key[0]:
                 continue
-            after.append(seconds / relative)
+            after.append(level_s)
             if len(after) >= self.min_samples:
                 self.relative[other] = own / statistics.median(before + after)
                 del self._bracket[other]
