@@ -278,7 +278,7 @@ def test_costs_are_relative_to_a_level_that_follows_the_steps() -> None:
 
 
 def test_a_drift_that_slows_every_k_does_not_move_the_choice() -> None:
-    """Steps twice as slow in every other stretch of 64 (as one engine's
+    """Steps 1.8x as slow in every other stretch of 64 (as one engine's
     benchmark passes spread on the H200): the policy keeps the best K.
     Comparing its keys' seconds across stretches, it spent about a quarter
     of the steps on other K and reached 0.94-0.96x of fixed K 3 (four
