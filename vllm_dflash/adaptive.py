@@ -88,8 +88,10 @@ RIVAL_FRACTION = 0.5
 # passes, 0.96x of fixed K 15.
 EXPLORE_AFTER = 16
 EXPLORE_HORIZON = 64
-# A batch bucket's level (StepCost) is the median of its last WINDOW steps;
-# WINDOW samples per key are kept for the snapshot.
+# A batch bucket's level (StepCost) is the median of its last WINDOW steps.
+# A key keeps its last WINDOW samples: their count says whether it is
+# measured, their median is its cost while it is being measured, and the
+# snapshot shows them.
 WINDOW = 8
 # Runs of equal decisions kept for ``snapshot()["trace"]`` (the order of
 # choices, which the per-key counts lose).

@@ -852,10 +852,10 @@ def _native_reference(rows: list[BenchRow], k: int) -> dict[int, float]:
 def paired_ratio(a: BenchRow, b: BenchRow) -> float | None:
     """The geometric mean over passes of ``a``'s pass / ``b``'s same pass,
     where the two were interleaved (``--interleave``: pass i of both ran
-    before pass i + 1 of either); None otherwise. Both engines' passes move
-    together from pass to pass (on the H200 by up to 2x at one batch), so the
-    ratio of the same pass compares the modes where the ratio of medians
-    carries that spread."""
+    before pass i + 1 of either); None otherwise. Two engines' same passes
+    often move together (on the H200 one engine's passes at one batch spread
+    by up to 2x), and the ratio of the same pass then removes what the ratio
+    of medians carries; where they do not, ``paired_error`` shows it."""
     logs = _paired_logs(a, b)
     return None if logs is None else math.exp(statistics.fmean(logs))
 
