@@ -26,7 +26,10 @@ maximise expected output tokens per second:
   skipping a K whose floor already rules it out), then re-measures its
   rivals one at a time, the closest to the best first: soon after the first
   measurement, then at doubling intervals up to every ``refresh_every``
-  decisions, each followed by as many steps of the best K. A key's
+  decisions, each followed by as many steps of the best K. A rival that
+  beats the best K is measured once more before the bucket switches to it
+  (the two measurements pooled): one re-measurement of three samples is
+  within the noise of a close pair. A key's
   samples are only as good as the phase they were taken in: on the H200 a
   Gemma 4 batch-64 bucket measured K 3 once (19.1 ms), ran K 15 from then
   on, re-measured only K 15's neighbour K 7, and reached 0.76x of fixed K 3.
@@ -236,6 +239,9 @@ class StepCost:
     _bracket: dict[Key, tuple[float, list[float], list[float]]] = field(
         default_factory=dict, repr=False
     )
+    # Per key measured again to confirm it (``confirm``): its relative cost
+    # from the measurement before, pooled with the new one.
+    _earlier: dict[Key, float] = field(default_factory=dict, repr=False)
     # The capped estimates, rebuilt after a new sample (the scheduler asks
     # for them several times per step; samples arrive at most once per step).
     _table: dict[Key, float] | None = field(default=None, repr=False, compare=False)
@@ -265,8 +271,14 @@ class StepCost:
             return
         own = statistics.median(samples)
         before = list(level)[-self.min_samples :]
-        self.relative[key] = own / statistics.median(before)
+        self.relative[key] = self._pooled(key, own / statistics.median(before))
         self._bracket[key] = (own, before, [])
+
+    def _pooled(self, key: Key, relative: float) -> float:
+        """A key's new relative cost; where the key is being confirmed, the
+        geometric mean of it and the one it had."""
+        earlier = self._earlier.get(key)
+        return relative if earlier is None else math.sqrt(earlier * relative)
 
     def _step(self, key: Key, level_s: float) -> None:
         """A step of a measured key, at ``level_s`` seconds of the level: it
@@ -275,13 +287,16 @@ class StepCost:
         around its measurement: they drop its bracket."""
         self.level[key[0]].append(level_s)
         self._bracket.pop(key, None)
+        self._earlier.pop(key, None)
         for other, (own, before, after) in list(self._bracket.items()):
             if other[0] != key[0]:
                 continue
             after.append(level_s)
             if len(after) >= self.min_samples:
-                self.relative[other] = own / statistics.median(before + after)
+                bracketed = own / statistics.median(before + after)
+                self.relative[other] = self._pooled(other, bracketed)
                 del self._bracket[other]
+                self._earlier.pop(other, None)
 
     def forget(self, batch: int, k: int) -> None:
         """Drop a key's samples and relative cost before it is re-measured:
@@ -289,8 +304,22 @@ class StepCost:
         key = (batch_bucket(batch), k)
         self.relative.pop(key, None)
         self._bracket.pop(key, None)
+        self._earlier.pop(key, None)
         if self.recent.pop(key, None) is not None:
             self._table = None
+
+    def confirm(self, batch: int, k: int) -> None:
+        """Measure a key again, to pool its new relative cost with the one it
+        has (``_pooled``): its samples go, as in ``forget``."""
+        key = (batch_bucket(batch), k)
+        relative = self.relative.get(key)
+        self.forget(batch, k)
+        if relative is not None:
+            self._earlier[key] = relative
+
+    def bracketing(self, batch: int, k: int) -> bool:
+        """Whether the key is measured and waits for the level after it."""
+        return (batch_bucket(batch), k) in self._bracket
 
     def current(self) -> dict[Key, float]:
         """Each key's seconds now, before the caps: its relative cost times
@@ -424,6 +453,9 @@ class AdaptiveDraftLength:
         # Per measured bucket: the best K of its current round of
         # re-measurements and the rivals re-measured in that round.
         self._round: dict[int, tuple[int, set[int]]] = {}
+        # Per measured bucket: the rival of its last re-measurement, until
+        # that is bracketed and judged, and whether it is being confirmed.
+        self._challenger: dict[int, tuple[int, bool]] = {}
         self._last_output_s: float | None = None
 
     # -- the decision -----------------------------------------------------
@@ -473,6 +505,11 @@ class AdaptiveDraftLength:
                 del self._refreshing[bucket]
             return k
         best_k, best = self._best_measured(batch)
+        challenger = self._challenger.get(bucket)
+        if challenger is not None:
+            waiting = self._judge(batch, challenger, best_k)
+            if waiting is not None:
+                return waiting
         # The donor's K first: once it is measured, the floors of the others
         # (mostly from smaller buckets) rule out those that cannot beat it.
         order = self.ks if donor is None else (donor, *self.ks)
@@ -528,10 +565,49 @@ class AdaptiveDraftLength:
         )
         self._round[bucket] = (best_k, done | {k})
         self.cost.forget(batch, k)
+        self._challenger[bucket] = (k, False)
+        return self._measure_beside(bucket, k, best_k)
+
+    def _measure_beside(self, bucket: int, k: int, best_k: int) -> int:
+        """Plan ``min_samples + 1`` steps of ``k`` (its first drafts for it
+        while verifying the previous K: no sample) and as many of ``best_k``
+        (the level after it), and return the first."""
         self._refreshing[bucket] = deque(
             [k] * self.min_samples + [best_k] * (self.min_samples + 1)
         )
         return k
+
+    def _judge(
+        self, batch: int, challenger: tuple[int, bool], best_k: int
+    ) -> int | None:
+        """The K to run while a re-measured rival waits for its verdict, or
+        None to choose as usual.
+
+        Until the bucket's steps after the rival's have bracketed its
+        measurement, the K it was measured beside: under async scheduling the
+        decision after the planned steps comes before the last of them
+        reports, and a rival judged then is judged on the level before it
+        alone. A rival that beats that K is then measured once more, and the
+        two measurements pooled, before the bucket switches to it. At batch 1
+        on the H200 (Gemma 4) steps of one K spread by about 10%: three
+        samples of a re-measured K 7 read cheaper than K 15 by more than
+        K 15's 16% more accepted tokens, and the bucket ran K 7 in a third of
+        its steps where fixed K 15 was faster (docs/adaptive.md, Measured).
+        Confirming costs 2 x (min_samples + 1) steps, and only where a
+        re-measurement would change the choice."""
+        bucket = batch_bucket(batch)
+        k, confirming = challenger
+        incumbent = self._round[bucket][0]
+        if self.cost.bracketing(batch, k):
+            return incumbent
+        if self.cost.count(batch, k) < self.min_samples:
+            return None  # its steps were not samples: measured as usual
+        del self._challenger[bucket]
+        if confirming or best_k != k:
+            return None
+        self.cost.confirm(batch, k)
+        self._challenger[bucket] = (k, True)
+        return self._measure_beside(bucket, k, incumbent)
 
     def _visit(self, bucket: int) -> float:
         """Count this decision as a visit of ``bucket``; return its recent

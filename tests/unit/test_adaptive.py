@@ -374,11 +374,11 @@ def test_rivals_measured_in_a_slow_phase_are_re_measured() -> None:
     # K 15 first; then at 32, 96, 224 and 352 decisions (intervals doubling
     # up to refresh_every) 1 + MIN_SAMPLES steps of a rival, closest first,
     # and as many of the best K after it whatever the rival measured: K 7
-    # (stays worse), K 3 (the new best, a new round), then K 3's closest
-    # rivals K 15 and K 7.
+    # (stays worse), K 3 (beats K 15: measured once more beside it, then the
+    # new best and a new round), then K 3's closest rivals K 15 and K 7.
     assert runs == [
-        (15, 31), (7, 4), (15, 67), (3, 4), (15, 4), (3, 127), (15, 4), (3, 131),
-        (7, 4), (3, 24),
+        (15, 31), (7, 4), (15, 67), (3, 4), (15, 4), (3, 4), (15, 4), (3, 127),
+        (15, 4), (3, 131), (7, 4), (3, 16),
     ], runs  # fmt: skip
     assert policy.cost.estimate(64, 3) == pytest.approx(true[3])
 
@@ -397,10 +397,48 @@ def test_the_closest_rival_is_re_measured_first() -> None:
     assert policy.throughput(8, 7) > policy.throughput(8, 15)
     runs = runs_at_true_costs(policy, 8, true, 200)
     # At 32 decisions K 15 (4.1k expected tokens/s against K 3's 3.3k) is
-    # re-measured, K 7 runs 4 more steps (the bracket), and K 15 is the best
-    # from then on; at 96, K 7 is re-measured.
-    assert runs == [(7, 31), (15, 4), (7, 4), (15, 63), (7, 4), (15, 94)], runs
+    # re-measured, K 7 runs 4 more steps (the bracket), K 15 beats it and is
+    # measured once more beside it, and it is the best from then on; at 96,
+    # K 7 is re-measured.
+    assert runs == [
+        (7, 31), (15, 4), (7, 4), (15, 4), (7, 4), (15, 63), (7, 4), (15, 86)
+    ], runs  # fmt: skip
     assert policy.cost.estimate(8, 15) == pytest.approx(true[15])
+
+
+def test_a_rival_that_wins_once_is_measured_again_before_the_switch() -> None:
+    """At batch 1 on the H200 (Gemma 4) steps of one K spread by about 10%,
+    and the bucket ran K 7 in 120 of 363 steps where fixed K 15 was faster:
+    three samples of K 7 read cheaper than K 15 by more than K 15's extra
+    accepted tokens are worth. A rival that beats the best K on one
+    re-measurement is now measured once more, and the two pooled, before
+    the bucket switches to it."""
+
+    def run(policy: AdaptiveDraftLength) -> list[tuple[int, int]]:
+        true = {0: 0.0059, 1: 0.0060, 3: 0.0062, 7: 0.00655, 15: 0.0067}
+        for k, seconds in true.items():
+            for _ in range(1 + MIN_SAMPLES):  # a key's first step is no sample
+                policy.cost.observe(1, k, seconds)
+        chosen = []
+        for i in range(100):
+            k = policy[1]
+            chosen.append(k)
+            # K 7's first re-measurement is 20% lucky: cheaper than K 15 by
+            # more than K 15's 17% more expected tokens (prior 0.8) are worth.
+            lucky = 0.8 if k == 7 and i < 40 else 1.0
+            policy.cost.observe(1, k, true[k] * lucky)
+        return [(k, len(list(run))) for k, run in itertools.groupby(chosen)]
+
+    policy = AdaptiveDraftLength(15, acceptance=AcceptanceEstimate(15, prior=0.8))
+    runs = run(policy)
+    # K 7 at 32 decisions (lucky), K 15 (the bracket), K 7 again (its true
+    # cost), K 15: pooled, K 7 is still behind and K 15 stays the best. With
+    # the lucky measurement alone the bucket ran K 7 until K 15's next
+    # re-measurement: [(15, 31), (7, 4), (15, 4), (7, 61)].
+    assert runs == [(15, 31), (7, 4), (15, 4), (7, 4), (15, 57)], runs
+    lucky, true = 0.8 * 0.00655 / 0.0067, 0.00655 / 0.0067
+    pooled = policy.cost.relative[(1, 7)] / policy.cost.relative[(1, 15)]
+    assert pooled == pytest.approx(math.sqrt(lucky * true))
 
 
 def test_injection_only_for_dflash_with_the_switch(
