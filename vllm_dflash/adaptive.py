@@ -91,6 +91,11 @@ RIVAL_FRACTION = 0.5
 # passes, 0.96x of fixed K 15.
 EXPLORE_AFTER = 16
 EXPLORE_HORIZON = 64
+# A re-measured rival waits at most this many decisions for the steps of
+# the best K that bracket its measurement (async scheduling: one or two;
+# more where the bucket's steps are not samples, e.g. a request joins every
+# step), then is judged on the level before it alone.
+BRACKET_WAIT = 16
 # A batch bucket's level (StepCost) is the median of its last WINDOW steps.
 # A key keeps its last WINDOW samples: their count says whether it is
 # measured, their median is its cost while it is being measured, and the
@@ -453,9 +458,10 @@ class AdaptiveDraftLength:
         # Per measured bucket: the best K of its current round of
         # re-measurements and the rivals re-measured in that round.
         self._round: dict[int, tuple[int, set[int]]] = {}
-        # Per measured bucket: the rival of its last re-measurement, until
-        # that is bracketed and judged, and whether it is being confirmed.
-        self._challenger: dict[int, tuple[int, bool]] = {}
+        # Per measured bucket: the rival of its last re-measurement until it
+        # is judged, whether it is being confirmed, and the decisions it has
+        # waited for its bracket.
+        self._challenger: dict[int, tuple[int, bool, int]] = {}
         self._last_output_s: float | None = None
 
     # -- the decision -----------------------------------------------------
@@ -565,7 +571,7 @@ class AdaptiveDraftLength:
         )
         self._round[bucket] = (best_k, done | {k})
         self.cost.forget(batch, k)
-        self._challenger[bucket] = (k, False)
+        self._challenger[bucket] = (k, False, 0)
         return self._measure_beside(bucket, k, best_k)
 
     def _measure_beside(self, bucket: int, k: int, best_k: int) -> int:
@@ -578,27 +584,29 @@ class AdaptiveDraftLength:
         return k
 
     def _judge(
-        self, batch: int, challenger: tuple[int, bool], best_k: int
+        self, batch: int, challenger: tuple[int, bool, int], best_k: int
     ) -> int | None:
         """The K to run while a re-measured rival waits for its verdict, or
         None to choose as usual.
 
         Until the bucket's steps after the rival's have bracketed its
-        measurement, the K it was measured beside: under async scheduling the
-        decision after the planned steps comes before the last of them
-        reports, and a rival judged then is judged on the level before it
-        alone. A rival that beats that K is then measured once more, and the
-        two measurements pooled, before the bucket switches to it. At batch 1
-        on the H200 (Gemma 4) steps of one K spread by about 10%: three
-        samples of a re-measured K 7 read cheaper than K 15 by more than
-        K 15's 16% more accepted tokens, and the bucket ran K 7 in a third of
-        its steps where fixed K 15 was faster (docs/adaptive.md, Measured).
-        Confirming costs 2 x (min_samples + 1) steps, and only where a
-        re-measurement would change the choice."""
+        measurement (at most ``BRACKET_WAIT`` decisions), the K it was
+        measured beside: under async scheduling the decision after the
+        planned steps comes before the last of them reports, and a rival
+        judged then is judged on the level before it alone. A rival that
+        beats that K is then measured once more, and the two measurements
+        pooled, before the bucket switches to it. At batch 1 on the H200
+        (Gemma 4) steps of one K spread by about 10%: three samples of a
+        re-measured K 7 read cheaper than K 15 by more than K 15's 16% more
+        accepted tokens, and the bucket ran K 7 in a third of its steps where
+        fixed K 15 was faster (docs/adaptive.md, Measured). Confirming costs
+        2 x (min_samples + 1) steps, and only where a re-measurement would
+        change the choice."""
         bucket = batch_bucket(batch)
-        k, confirming = challenger
+        k, confirming, waited = challenger
         incumbent = self._round[bucket][0]
-        if self.cost.bracketing(batch, k):
+        if self.cost.bracketing(batch, k) and waited < BRACKET_WAIT:
+            self._challenger[bucket] = (k, confirming, waited + 1)
             return incumbent
         if self.cost.count(batch, k) < self.min_samples:
             return None  # its steps were not samples: measured as usual
@@ -606,7 +614,7 @@ class AdaptiveDraftLength:
         if confirming or best_k != k:
             return None
         self.cost.confirm(batch, k)
-        self._challenger[bucket] = (k, True)
+        self._challenger[bucket] = (k, True, 0)
         return self._measure_beside(bucket, k, incumbent)
 
     def _visit(self, bucket: int) -> float:

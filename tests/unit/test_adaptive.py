@@ -406,6 +406,41 @@ def test_the_closest_rival_is_re_measured_first() -> None:
     assert policy.cost.estimate(8, 15) == pytest.approx(true[15])
 
 
+GEMMA_B1 = {0: 0.0059, 1: 0.0060, 3: 0.0062, 7: 0.00655, 15: 0.0067}
+
+
+def runs_of_decode_steps(
+    policy: AdaptiveDraftLength,
+    seconds: Callable[[int, int], float],
+    steps: int,
+    joins: Callable[[int], bool] = lambda i: False,
+) -> list[tuple[int, int]]:
+    """Drive ``policy`` at batch 1 through ``observe_step_output``, as the
+    scheduler does: step ``i`` verifies the previous decision's K and drafts
+    for the new one, costs ``seconds(i, k)``, and is no sample where the K
+    switches or where a request ``joins`` (a prefill in the step). The
+    chosen K as (K, run length) runs."""
+    for k, t in GEMMA_B1.items():  # every K measured at its true cost
+        for _ in range(1 + MIN_SAMPLES):  # a key's first step is no sample
+            policy.cost.observe(1, k, t)
+    clock, k, chosen = 0.0, 15, []
+    for i in range(steps):
+        k_next = policy[1]
+        chosen.append(k_next)
+        clock += seconds(i, k)
+        scheduled = {"r": 1 + k, **({"new": 64} if joins(i) else {})}
+        policy.observe_step_output(scheduled, {"r": [-1] * k}, k_next, clock)
+        k = k_next
+    return [(k, len(list(run))) for k, run in itertools.groupby(chosen)]
+
+
+def lucky_k7(i: int, k: int) -> float:
+    """Step costs at batch 1 where K 7's first re-measurement (steps 32-35)
+    reads 20% cheap: cheaper than K 15 by more than K 15's 17% more
+    expected tokens (prior 0.8) are worth."""
+    return GEMMA_B1[k] * (0.8 if k == 7 and i < 40 else 1.0)
+
+
 def test_a_rival_that_wins_once_is_measured_again_before_the_switch() -> None:
     """At batch 1 on the H200 (Gemma 4) steps of one K spread by about 10%,
     and the bucket ran K 7 in 120 of 363 steps where fixed K 15 was faster:
@@ -413,32 +448,33 @@ def test_a_rival_that_wins_once_is_measured_again_before_the_switch() -> None:
     accepted tokens are worth. A rival that beats the best K on one
     re-measurement is now measured once more, and the two pooled, before
     the bucket switches to it."""
-
-    def run(policy: AdaptiveDraftLength) -> list[tuple[int, int]]:
-        true = {0: 0.0059, 1: 0.0060, 3: 0.0062, 7: 0.00655, 15: 0.0067}
-        for k, seconds in true.items():
-            for _ in range(1 + MIN_SAMPLES):  # a key's first step is no sample
-                policy.cost.observe(1, k, seconds)
-        chosen = []
-        for i in range(100):
-            k = policy[1]
-            chosen.append(k)
-            # K 7's first re-measurement is 20% lucky: cheaper than K 15 by
-            # more than K 15's 17% more expected tokens (prior 0.8) are worth.
-            lucky = 0.8 if k == 7 and i < 40 else 1.0
-            policy.cost.observe(1, k, true[k] * lucky)
-        return [(k, len(list(run))) for k, run in itertools.groupby(chosen)]
-
     policy = AdaptiveDraftLength(15, acceptance=AcceptanceEstimate(15, prior=0.8))
-    runs = run(policy)
+    runs = runs_of_decode_steps(policy, lucky_k7, 100)
     # K 7 at 32 decisions (lucky), K 15 (the bracket), K 7 again (its true
     # cost), K 15: pooled, K 7 is still behind and K 15 stays the best. With
     # the lucky measurement alone the bucket ran K 7 until K 15's next
     # re-measurement: [(15, 31), (7, 4), (15, 4), (7, 61)].
     assert runs == [(15, 31), (7, 4), (15, 4), (7, 4), (15, 57)], runs
-    lucky, true = 0.8 * 0.00655 / 0.0067, 0.00655 / 0.0067
+    lucky, true = 0.8 * GEMMA_B1[7] / GEMMA_B1[15], GEMMA_B1[7] / GEMMA_B1[15]
     pooled = policy.cost.relative[(1, 7)] / policy.cost.relative[(1, 15)]
     assert pooled == pytest.approx(math.sqrt(lucky * true))
+
+
+def test_a_rival_waits_a_bounded_time_for_its_bracket() -> None:
+    """A re-measured rival is judged once the best K's steps after it have
+    reported (async scheduling decides a step before the last one reports),
+    but waits at most BRACKET_WAIT decisions: where those steps are not
+    samples (a request joins every step), it is judged on the level before
+    it alone."""
+    policy = AdaptiveDraftLength(15, acceptance=AcceptanceEstimate(15, prior=0.8))
+    runs = runs_of_decode_steps(policy, lucky_k7, 80, joins=lambda i: 35 <= i < 55)
+    # K 7 (lucky) at 32 decisions; K 15 for its 4 planned steps and 16
+    # waiting, none of them samples; judged on the level before it, K 7 wins
+    # and is measured again (its true cost, steps that are samples again),
+    # bracketed by K 15's steps: pooled, K 15 stays.
+    wait = adaptive.BRACKET_WAIT
+    assert runs == [(15, 31), (7, 4), (15, 4 + wait), (7, 4), (15, 37 - wait)], runs
+    assert policy._challenger == {}
 
 
 def test_injection_only_for_dflash_with_the_switch(
