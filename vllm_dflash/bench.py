@@ -21,6 +21,7 @@ differ by what the mode does, not by which graphs it has.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -405,6 +406,10 @@ class BenchRow:
     drafts_per_request_step: float | None = None
     """Draft tokens verified per request and step over the timed passes (the
     K the steps ran; adaptive's average); None without drafts."""
+    pass_output_digest: list[str] = field(default_factory=list)
+    """Each timed pass's ``output_digest``: with ``--interleave`` (the same
+    prompts in every engine) it says which engines' passes generated the
+    same tokens."""
 
 
 def _spec_metrics(llm: Any) -> tuple[float, float, float]:
@@ -418,12 +423,23 @@ def _spec_metrics(llm: Any) -> tuple[float, float, float]:
     )
 
 
-def _timed_generate(llm: Any, prompts: Any, params: Any) -> tuple[int, float]:
-    """(output tokens, seconds) of one ``generate`` over ``prompts``."""
+def _timed_generate(llm: Any, prompts: Any, params: Any) -> tuple[int, float, str]:
+    """(output tokens, seconds, ``output_digest``) of one ``generate`` over
+    ``prompts``."""
     start = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=False)
     seconds = time.perf_counter() - start
-    return sum(len(o.outputs[0].token_ids) for o in outs), seconds
+    token_ids = [list(o.outputs[0].token_ids) for o in outs]
+    return sum(map(len, token_ids)), seconds, output_digest(token_ids)
+
+
+def output_digest(token_ids: list[list[int]]) -> str:
+    """A short digest of a pass's output tokens, request by request in prompt
+    order: two engines' same passes with equal digests generated the same
+    tokens (greedy, real acceptance: lossless; synthetic acceptance keeps
+    draft tokens the target would not have chosen, so only engines drawing
+    the same acceptance and drafts agree)."""
+    return hashlib.sha256(json.dumps(token_ids).encode()).hexdigest()[:16]
 
 
 def _policy_delta(
@@ -483,6 +499,7 @@ class _Engine:
         self._policy_before: dict[str, Any] | None = None
         self._passes: list[tuple[int, float]] = []
         self._pass_starts: list[float] = []
+        self._digests: list[str] = []
         self.last_prompts: Any = None
 
     def _prompts(self, n: int) -> Any:
@@ -511,20 +528,21 @@ class _Engine:
         kept in the row."""
         self._batch, self._output_len = batch, output_len
         warmup = self._params(min(output_len, self.spec.output_len))
-        tokens, seconds = _timed_generate(self.llm, self._prompts(batch), warmup)
+        tokens, seconds, _ = _timed_generate(self.llm, self._prompts(batch), warmup)
         self._warm_tok_per_s = tokens / seconds
         self._metrics_before = _spec_metrics(self.llm)
         self._policy_before = self.llm.collective_rpc(adaptive_snapshot)[0]
-        self._passes, self._pass_starts = [], []
+        self._passes, self._pass_starts, self._digests = [], [], []
 
     def timed_pass(self) -> float:
         """One timed pass of the current batch over fresh prompts; its tok/s."""
         self.last_prompts = self._prompts(self._batch)
         self._pass_starts.append(time.time())
-        tokens, seconds = _timed_generate(
+        tokens, seconds, digest = _timed_generate(
             self.llm, self.last_prompts, self._params(self._output_len)
         )
         self._passes.append((tokens, seconds))
+        self._digests.append(digest)
         return tokens / seconds
 
     def end(self) -> BenchRow:
@@ -566,6 +584,7 @@ class _Engine:
             pass_tok_per_s=rates,
             pass_start_s=self._pass_starts,
             drafts_per_request_step=k_mean,
+            pass_output_digest=self._digests,
         )
 
 

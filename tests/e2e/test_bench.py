@@ -70,6 +70,12 @@ def test_bench_writes_table_json_and_plot(tmp_path: Path) -> None:
     assert rows[("plugin-k3", 1)]["drafts_per_request_step"] == 3.0
     # Every row keeps its untimed full-batch warm-up's rate.
     assert all(r["warmup_tok_per_s"] > 0 for r in rows.values())
+    # Greedy with real acceptance, the same prompts in every engine: every
+    # mode's passes generated the tokens no speculation did.
+    for b in (1, 2):
+        digests = {m: rows[(m, b)]["pass_output_digest"] for m in modes}
+        assert len(digests["none"]) == 2 and len(set(digests["none"])) == 2
+        assert all(d == digests["none"] for d in digests.values()), digests
     meta = data["meta"]
     assert meta["acceptance"] == "decay" and meta["synthetic"] is False
     assert meta["capture_sizes"] == [1, 2, 4, 8, 16]
@@ -131,6 +137,11 @@ def test_interleaved_modes_alternate_passes_on_identical_prompts(
         assert rows[("plugin-k3", batch)]["drafts_per_request_step"] == 3.0
         assert rows[("dynamic-k3", batch)]["drafts_per_request_step"] == 3.0
         assert rows[("dynamic-k3", batch)]["k"] == 7
+    # Each pass's prompts are the same in every engine, and its output too
+    # (greedy, real acceptance): the digests pair up pass by pass.
+    for batch in (2, 1):
+        digests = [rows[(m, batch)]["pass_output_digest"] for m in modes]
+        assert len(set(digests[0])) == 3 and digests[1:] == [digests[0]] * 2
     # The passes pair up (bench.paired_ratio checks their start times).
     dynamic, plugin = (BenchRow(**rows[(m, 2)]) for m in ("dynamic-k3", "plugin-k3"))
     assert paired_ratio(dynamic, plugin) is not None

@@ -413,3 +413,12 @@ def test_dynamic_mode_holds_one_k_on_adaptives_graphs() -> None:
         [_row("dynamic-k7", 8, 900.0, 15), _row("plugin-k3", 8, 800.0, 3)]
     )
     assert summary["best_fixed"] == "plugin-k3"
+
+
+def test_output_digest_tells_requests_apart() -> None:
+    """The same tokens split differently between requests, or in another
+    request order, are another output."""
+    digest = bench.output_digest([[1, 2], [3]])
+    assert digest == bench.output_digest([[1, 2], [3]]) and len(digest) == 16
+    assert digest != bench.output_digest([[1], [2, 3]])
+    assert digest != bench.output_digest([[3], [1, 2]])
