@@ -947,7 +947,7 @@ def _ratio(x: float | None) -> str:
 
 
 def _percent(x: float | None) -> str:
-    return "-" if x is None else f"±{100 * x:.0f}%"
+    return "-" if x is None else f"±{100 * x:.1f}%"
 
 
 def print_long(rows: list[BenchRow]) -> None:
@@ -993,7 +993,7 @@ def print_table(rows: list[BenchRow], k: int) -> None:
         print(
             f"{'batch':>6} {'best fixed K':>{width}} {'tok/s':>10} "
             f"{'adaptive/best':>13} {'adaptive/none':>13}"
-            + (f" {'paired':>7} {'error':>6}" if paired else "")
+            + (f" {'paired':>7} {'error':>7}" if paired else "")
         )
         for s in summary:
             tok_s = s["best_fixed_tok_per_s"]
@@ -1004,7 +1004,7 @@ def print_table(rows: list[BenchRow], k: int) -> None:
                 f"{_ratio(s['adaptive_vs_none']):>13}"
                 + (
                     f" {_ratio(s['adaptive_vs_best_fixed_paired']):>7}"
-                    f" {_percent(s['adaptive_vs_best_fixed_paired_error']):>6}"
+                    f" {_percent(s['adaptive_vs_best_fixed_paired_error']):>7}"
                     if paired
                     else ""
                 )

@@ -303,6 +303,52 @@ def test_paired_ratio_needs_interleaved_passes() -> None:
     )
 
 
+def test_table_gives_the_paired_error_to_a_tenth_of_a_percent(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Qwen3-8B's errors on the H200 were 0.3-0.8%: whole percents printed
+    them as ±0% and ±1%."""
+    adaptive = BenchRow("adaptive", 8, 10, 1.0, 1000.0, None, "v2", 15)
+    fixed = BenchRow("plugin", 8, 10, 1.0, 1000.0, None, "v2", 15)
+    adaptive.pass_tok_per_s, fixed.pass_tok_per_s = [1000.0, 1006.0], [1000.0, 1000.0]
+    adaptive.pass_start_s, fixed.pass_start_s = [0.0, 2.0], [1.0, 3.0]
+    bench.print_table([adaptive, fixed], 15)
+    assert bench.paired_error(adaptive, fixed) == pytest.approx(0.003, abs=1e-5)
+    assert " 1.00x   ±0.3%" in capsys.readouterr().out
+
+
+def test_fifth_h200_session_figures_from_their_json() -> None:
+    """docs/adaptive.md's fifth-session table (paired ratio ± error), from the
+    saved runs."""
+    root = Path(__file__).parents[2] / "docs/benchmarks"
+    expected = {
+        "qwen3-8b-h200-interleaved-all-modes.json": {
+            1: (0.984, 0.008),
+            8: (1.003, 0.003),
+            32: (0.991, 0.003),
+            64: (0.989, 0.006),
+        },
+        "gemma4-26b-a4b-h200-interleaved-k15-b8-b1.json": {
+            1: (0.911, 0.049),
+            8: (0.865, 0.084),
+        },
+        "gemma4-26b-a4b-h200-interleaved-k7-b64-b32.json": {
+            32: (0.920, 0.060),
+            64: (1.059, 0.083),
+        },
+    }
+    for name, by_batch in expected.items():
+        data = json.loads((root / name).read_text())
+        rows = [BenchRow(**r) for r in data["rows"]]
+        got = {s["batch"]: s for s in bench.summarize(rows)}
+        for batch, (ratio, error) in by_batch.items():
+            s = got[batch]
+            assert s["adaptive_vs_best_fixed_paired"] == pytest.approx(ratio, abs=5e-4)
+            assert s["adaptive_vs_best_fixed_paired_error"] == pytest.approx(
+                error, abs=5e-4
+            )
+
+
 def test_paired_ratio_of_the_h200_interleaved_run() -> None:
     """The figure docs/adaptive.md gives for Qwen3-8B batch 8 after visits
     forget (0.954x of fixed K 15), from the run's own JSON."""
