@@ -57,6 +57,7 @@ config.
 
 from __future__ import annotations
 
+import functools
 import math
 import statistics
 from collections import Counter, deque
@@ -133,6 +134,7 @@ def capture_schedule(k_max: int) -> list[tuple[int, int, int]]:
     return schedule
 
 
+@functools.cache
 def batch_bucket(batch: int) -> int:
     """The batch size's bucket on a sqrt(2) grid (1, 2, 3, 4, 6, 8, 11, 16,
     23, 32, 45, 64, ...), named by its centre: batches within about 19% of
@@ -161,6 +163,9 @@ class AcceptanceEstimate:
     decay: float = 0.998
     tried: list[float] = field(default_factory=list)
     accepted: list[float] = field(default_factory=list)
+    # E[accepted | K = k] for every k, rebuilt after an observation (the
+    # scheduler asks for it per candidate K several times per step).
+    _expected: list[float] | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.tried = [0.0] * self.k_max
@@ -172,6 +177,7 @@ class AcceptanceEstimate:
         # Positions 1..accepted were accepted; position accepted+1 (if it was
         # drafted) was tried and rejected; later ones were never looked at.
         d = self.decay
+        self._expected = None
         for i in range(min(num_accepted + 1, num_drafts, self.k_max)):
             self.tried[i] = self.tried[i] * d + 1.0
             self.accepted[i] = self.accepted[i] * d + (i < num_accepted)
@@ -185,11 +191,13 @@ class AcceptanceEstimate:
 
     def expected_accepted(self, k: int) -> float:
         """E[accepted drafts | K = k] = sum over i <= k of P(first i accepted)."""
-        total, run = 0.0, 1.0
-        for rate in self.conditional()[:k]:
-            run *= rate
-            total += run
-        return total
+        if self._expected is None:
+            total, run, self._expected = 0.0, 1.0, [0.0]
+            for rate in self.conditional():
+                run *= rate
+                total += run
+                self._expected.append(total)
+        return self._expected[min(k, self.k_max)]
 
 
 Key = tuple[int, int]  # (batch bucket, K)

@@ -61,6 +61,18 @@ def test_acceptance_estimate_learns_conditional_rates() -> None:
     assert est.expected_accepted(3) == pytest.approx(expected, abs=0.05)
 
 
+def test_expected_acceptance_follows_every_observation() -> None:
+    """E[accepted | K] is kept between observations (the scheduler reads it
+    per candidate K several times a step) and rebuilt after each."""
+    est = AcceptanceEstimate(k_max=3, prior=0.5, prior_weight=1.0, decay=1.0)
+    assert est.expected_accepted(3) == pytest.approx(0.5 + 0.25 + 0.125)
+    est.observe(3, 3)  # every position 1 accepted of 1 tried: (1 + 0.5) / 2
+    assert est.expected_accepted(3) == pytest.approx(0.75 + 0.75**2 + 0.75**3)
+    assert est.expected_accepted(1) == pytest.approx(0.75)
+    assert est.expected_accepted(0) == 0.0
+    assert est.expected_accepted(15) == est.expected_accepted(3)
+
+
 def test_unverified_positions_keep_their_estimate() -> None:
     """A position forgets only as it is tried: running a short K does not pull
     the later positions' rates toward the prior (below DFlash's real rates),
