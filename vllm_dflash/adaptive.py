@@ -530,8 +530,16 @@ class AdaptiveDraftLength:
         # (mostly from smaller buckets) rule out those that cannot beat it.
         order = self.ks if donor is None else (donor, *self.ks)
         for k in order:
-            if self.cost.count(batch, k) >= self.min_samples:
+            count = self.cost.count(batch, k)
+            if count >= self.min_samples:
                 continue
+            if count > 0:
+                # Begun and not finished: a re-measured rival the bucket had
+                # never run (its first step is no sample), or a key whose
+                # steps stopped being samples. Its floor would leave it
+                # with too few samples to count until the next
+                # re-measurement.
+                return k
             floor = self.cost.lower_bound(batch, k)
             gain = batch * (1.0 + self.acceptance.expected_accepted(k))
             if floor is None or gain / floor > best:

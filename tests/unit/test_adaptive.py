@@ -426,13 +426,15 @@ def runs_of_decode_steps(
     seconds: Callable[[int, int], float],
     steps: int,
     joins: Callable[[int], bool] = lambda i: False,
+    measured: dict[int, float] = GEMMA_B1,
 ) -> list[tuple[int, int]]:
     """Drive ``policy`` at batch 1 through ``observe_step_output``, as the
     scheduler does: step ``i`` verifies the previous decision's K and drafts
     for the new one, costs ``seconds(i, k)``, and is no sample where the K
     switches or where a request ``joins`` (a prefill in the step). The
-    chosen K as (K, run length) runs."""
-    for k, t in GEMMA_B1.items():  # every K measured at its true cost
+    ``measured`` K start measured at those costs. The chosen K as (K, run
+    length) runs."""
+    for k, t in measured.items():
         for _ in range(1 + MIN_SAMPLES):  # a key's first step is no sample
             policy.cost.observe(1, k, t)
     clock, k, chosen = 0.0, 15, []
@@ -487,6 +489,32 @@ def test_a_rival_waits_a_bounded_time_for_its_bracket() -> None:
     wait = adaptive.BRACKET_WAIT
     assert runs == [(15, 31), (7, 4), (15, 4 + wait), (7, 4), (15, 37 - wait)], runs
     assert policy._challenger == {}
+
+
+QWEN_B1 = {0: 0.00498, 1: 0.0060, 3: 0.0062, 7: 0.0072, 15: 0.0076}
+
+
+def test_a_rival_the_bucket_never_ran_is_measured_in_full() -> None:
+    """A rival the bucket never ran (its floor ruled it out: here K 7 plus
+    the slope from K 3, where a K 15 step costs little more than a K 7 one)
+    gets only two samples from its first re-measurement, since a key's first
+    step is no sample; with too few to count, the floor kept it out until
+    the next. On the H200 (Qwen3-8B, batch 1 after batches 64, 32 and 8)
+    the bucket re-measured K 15 for 4 steps and ran K 7 for 131 more,
+    where fixed K 15 was 10% faster. A key whose measurement has begun is
+    now finished whatever its floor."""
+    policy = AdaptiveDraftLength(15, acceptance=AcceptanceEstimate(15, prior=0.8))
+    below = {k: t for k, t in QWEN_B1.items() if k < 15}
+    runs = runs_of_decode_steps(policy, lambda i, k: QWEN_B1[k], 400, measured=below)
+    # K 7; its rivals K 3 and K 1 at 32 and 96 decisions, K 15 (never
+    # measured: last in the round) at 224. Its first step there is no sample
+    # and its re-measurement ends with two; it is measured to the end (two
+    # more steps) after the bracket, beats K 7, is confirmed and stays. Before,
+    # the runs went on [(15, 4), (7, 131), (15, 4), (7, 4), (15, 4), ...].
+    assert runs == [
+        (7, 31), (3, 4), (7, 67), (1, 4), (7, 131), (15, 4), (7, 4), (15, 2),
+        (7, 4), (15, 4), (7, 4), (15, 127), (7, 4), (15, 10),
+    ], runs  # fmt: skip
 
 
 def test_injection_only_for_dflash_with_the_switch(
