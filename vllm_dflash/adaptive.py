@@ -174,7 +174,8 @@ class AcceptanceEstimate:
     tried: list[float] = field(default_factory=list)
     accepted: list[float] = field(default_factory=list)
     # E[accepted | K = k] for every k, rebuilt after an observation (the
-    # scheduler asks for it per candidate K several times per step).
+    # scheduler asks for it per candidate K several times per step): the
+    # counts change through ``observe`` only.
     _expected: list[float] | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -510,7 +511,8 @@ class AdaptiveDraftLength:
         each only while it could still win: its expected tokens over the
         floor of its step time (``StepCost.lower_bound``: what less work
         cost here or at smaller batches, and the slope in K) must beat the
-        best measured K. Once measured, the bucket runs the best K and now
+        best measured K; a K with samples but too few is measured to the
+        end whatever its floor. Once measured, the bucket runs the best K and now
         and then re-measures a rival (``_refresh``), so the table follows
         costs that drift (longer contexts, another tenant on the GPU, a
         first batch slower than the rest) and a K ruled out by a floor gets
