@@ -5,12 +5,15 @@ known too; and its hand-over to vLLM (schedule, config injection)."""
 from __future__ import annotations
 
 import copy
+import importlib.util
 import itertools
 import json
 import math
 import random
+import sys
 from collections import deque
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -768,3 +771,21 @@ def test_tails_of_many_passes_are_not_explored() -> None:
     assert {k for (b, k) in split.decisions if b == 6} == {split.choose(4)}
     simulate(split, batch=[4, 6], steps=120, **load)  # type: ignore[arg-type]
     assert split._measured == {4, 6}
+
+
+def test_the_simulation_script_runs_every_regime(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``scripts/simulate_adaptive.py`` (the source of docs/adaptive.md's
+    simulated figures): one scenario, one seed, every regime."""
+    path = Path(__file__).parents[2] / "scripts/simulate_adaptive.py"
+    spec = importlib.util.spec_from_file_location("simulate_adaptive", path)
+    assert spec is not None and spec.loader is not None
+    script = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, script)  # for its dataclass
+    spec.loader.exec_module(script)
+    rows = script.simulate({"this": adaptive}, ["b1-high"], seeds=1)
+    assert [(r["noise"], r["phase"]) for r in rows] == list(script.REGIMES)
+    for r in rows:
+        assert r["best_fixed_k"] == 15 and r["batch"] == 1, r
+        assert 0.95 <= r["mean"] == r["worst"] <= 1.05, r

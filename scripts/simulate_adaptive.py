@@ -1,0 +1,208 @@
+"""Simulate the adaptive draft-length policy against engines whose step cost
+and acceptance are known, beside every fixed K, and print (and save) the
+ratio to the best fixed K per scenario.
+
+The figures docs/adaptive.md quotes as "simulated" come from this script.
+A simulated step: the scheduler decides the next K before the step reports
+(as under async scheduling), the step verifies the previous decision's K,
+costs its table's time times the scenario's phase and a uniform noise, and
+every request draws its accepted drafts from the scenario's conditional
+acceptance. Fixed K engines draw from the same seeds.
+
+    python scripts/simulate_adaptive.py                  # this checkout
+    python scripts/simulate_adaptive.py --compare HEAD~3 # beside an older one
+    python scripts/simulate_adaptive.py --only h200-qwen3-8b-order --seeds 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import itertools
+import json
+import math
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from vllm_dflash import adaptive  # noqa: E402
+from vllm_dflash.bench import DECAY_RATES  # noqa: E402
+
+# Conditional acceptance P(draft i accepted | drafts before it accepted).
+DECAY = [DECAY_RATES[0]] + [b / a for a, b in itertools.pairwise(DECAY_RATES)]
+DECAYING = [0.75, 0.8, 0.8, 0.7, 0.7, 0.6, 0.6, 0.5, 0.5, 0.4, 0.4, 0.3, 0.3, 0.2, 0.2]
+HIGH = [0.95] * 15
+LOW = [0.2] * 15
+KS = (0, 1, 3, 7, 15)
+
+# Qwen3-8B's decode step (ms) per batch and K on the H200, from the sixth
+# session's fixed engines (docs/benchmarks/qwen3-8b-h200-confirm-all-modes.json:
+# batch x tau / tok/s; K 1 interpolated).
+QWEN3_8B_H200_MS = {
+    64: {0: 6.78, 1: 9.0, 3: 13.4, 7: 21.2, 15: 36.1},
+    32: {0: 5.84, 1: 7.5, 3: 9.04, 7: 12.24, 15: 19.2},
+    8: {0: 5.36, 1: 6.5, 3: 7.19, 7: 7.78, 15: 8.88},
+    1: {0: 4.98, 1: 6.3, 3: 6.58, 7: 7.2, 15: 7.6},
+}
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """``stages``: (batch, steps) in turn; ``verify_ms(batch, k)``: a step
+    verifying k drafts per request; ``draft_ms``: added where the step
+    drafts for the next (the next K is not 0)."""
+
+    stages: tuple[tuple[int, int], ...]
+    conditional: list[float]
+    verify_ms: Callable[[int, int], float]
+    draft_ms: float = 0.0
+
+
+def _linear(base_ms: float, per_token_ms: float) -> Callable[[int, int], float]:
+    return lambda b, k: base_ms + per_token_ms * b * (1 + k)
+
+
+SCENARIOS = {
+    "b1-gemma": Scenario(((1, 1200),), DECAY, _linear(5.85, 0.05), 0.5),
+    "b1-high": Scenario(((1, 1200),), HIGH, _linear(10.0, 0.02), 2.0),
+    "b1-decaying": Scenario(((1, 1200),), DECAYING, _linear(10.0, 0.02), 2.0),
+    "b8-decaying": Scenario(((8, 1200),), DECAYING, _linear(10.0, 0.2), 2.0),
+    "b8-decay": Scenario(((8, 1200),), DECAY, _linear(7.5, 0.02), 1.0),
+    "b64-decaying": Scenario(((64, 1200),), DECAYING, _linear(10.0, 0.4), 2.0),
+    "b64-low": Scenario(((64, 1200),), LOW, _linear(10.0, 0.4), 2.0),
+    "b64-decay": Scenario(((64, 1200),), DECAY, _linear(8.0, 0.04), 1.0),
+    # The benchmark's order on the H200: each batch for 400 steps in turn
+    # (the table includes the drafter).
+    "h200-qwen3-8b-order": Scenario(
+        tuple((b, 400) for b in (64, 32, 8, 1)),
+        DECAY,
+        lambda b, k: QWEN3_8B_H200_MS[b][k],
+    ),
+}
+# (noise, phase): uniform noise of +-noise per step; "1.8x64": every other
+# stretch of 64 steps 1.8x slower (a drift that slows every K alike).
+REGIMES = ((0.0, "none"), (0.1, "none"), (0.2, "none"), (0.3, "1.8x64"))
+
+
+def _draw_accepted(rng: random.Random, conditional: list[float], k: int) -> int:
+    n = 0
+    while n < k and rng.random() < conditional[n]:
+        n += 1
+    return n
+
+
+def run(
+    policy: Any, scenario: Scenario, seed: int, noise: float, phase: str
+) -> dict[int, float]:
+    """Output tokens per simulated second of each stage. ``policy``: a fixed
+    K or an ``AdaptiveDraftLength``."""
+    fixed = isinstance(policy, int)
+    rng, noise_rng = random.Random(seed), random.Random(seed + 100)
+    clock, k, step, rates = 0.0, 0, 0, {}
+    for batch, steps in scenario.stages:
+        tokens, start = 0, clock
+        for _ in range(steps):
+            k_next = policy if fixed else policy[batch]
+            slow = 1.8 if phase == "1.8x64" and step // 64 % 2 else 1.0
+            jitter = 1.0 + noise_rng.uniform(-noise, noise)
+            ms = scenario.verify_ms(batch, k) + (scenario.draft_ms if k_next else 0.0)
+            clock += ms / 1e3 * slow * jitter
+            for _ in range(batch):
+                accepted = _draw_accepted(rng, scenario.conditional, k)
+                tokens += 1 + accepted
+                if not fixed:
+                    policy.observe_request(k, accepted)
+            if not fixed:
+                scheduled = {f"r{i}": 1 + k for i in range(batch)}
+                drafts = {f"r{i}": [-1] * k for i in range(batch)} if k else {}
+                policy.observe_step_output(scheduled, drafts, k_next, clock)
+            k, step = k_next, step + 1
+        rates[batch] = tokens / (clock - start)
+    return rates
+
+
+def load_policy(ref: str | None) -> ModuleType:
+    """``vllm_dflash.adaptive`` of this checkout, or of git ``ref``."""
+    if ref is None:
+        return adaptive
+    source = subprocess.run(
+        ["git", "show", f"{ref}:vllm_dflash/adaptive.py"],
+        cwd=ROOT, check=True, capture_output=True, text=True,
+    ).stdout  # fmt: skip
+    path = Path(tempfile.mkdtemp()) / "adaptive_at_ref.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location(f"adaptive_{abs(hash(ref))}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def simulate(
+    policies: dict[str, ModuleType], names: list[str], seeds: int
+) -> list[dict[str, Any]]:
+    """One row per (scenario, regime, stage batch, policy): the mean and the
+    worst over seeds of the policy's rate over the best fixed K's."""
+    rows = []
+    for name in names:
+        scenario = SCENARIOS[name]
+        for noise, phase in REGIMES:
+            ratios: dict[tuple[str, int], list[float]] = {}
+            best_k: dict[int, int] = {}
+            for seed in range(seeds):
+                fixed = {k: run(k, scenario, seed, noise, phase) for k in KS}
+                for batch, _ in scenario.stages:
+                    best_k[batch] = max(KS, key=lambda k: fixed[k][batch])
+                for label, module in policies.items():
+                    got = run(
+                        module.AdaptiveDraftLength(15), scenario, seed, noise, phase
+                    )
+                    for batch, rate in got.items():
+                        best = fixed[best_k[batch]][batch]
+                        ratios.setdefault((label, batch), []).append(rate / best)
+            for (label, batch), values in ratios.items():
+                rows.append({
+                    "scenario": name, "noise": noise, "phase": phase,
+                    "batch": batch, "best_fixed_k": best_k[batch],
+                    "policy": label, "mean": statistics.mean(values),
+                    "worst": min(values), "seeds": seeds,
+                })  # fmt: skip
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--compare", action="append", default=[], metavar="GIT_REF",
+                   help="also simulate adaptive.py at this git ref")  # fmt: skip
+    p.add_argument("--only", action="append", choices=sorted(SCENARIOS),
+                   help="scenarios to run (default: all)")  # fmt: skip
+    p.add_argument("--seeds", type=int, default=8)
+    p.add_argument("--out", type=Path, help="write the rows as JSON here")
+    args = p.parse_args(argv)
+    policies = {"this": load_policy(None)}
+    policies.update({ref: load_policy(ref) for ref in args.compare})
+    rows = simulate(policies, args.only or list(SCENARIOS), args.seeds)
+    for r in rows:
+        print(
+            f"{r['scenario']:20s} noise {r['noise']:.1f} {r['phase']:6s} "
+            f"batch {r['batch']:3d} best K {r['best_fixed_k']:2d}  "
+            f"{r['policy']:>10s}: mean {r['mean']:.3f} worst {r['worst']:.3f}"
+        )
+    if args.out:
+        args.out.write_text(json.dumps(rows, indent=1))
+    return 0 if all(math.isfinite(r["mean"]) for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
