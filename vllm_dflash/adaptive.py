@@ -157,12 +157,13 @@ class AcceptanceEstimate:
     position (about 0.8 conditional in the published profiles): the longer a
     short K ran, the worse every longer K looked. A position is tried only
     where every draft before it was accepted, so the positions past the K a
-    bucket runs have few tries, and with the fixed prior they stayed near
-    it: on the H200 (Qwen3-8B, batch 1 after batches 64, 32 and 8 had run
-    K 3 and K 7) the bucket ran K 7 in 198 of 325 steps where fixed K 15 was
-    10% faster (0.92x). DFlash's conditional rates are about flat past the
-    first position, so a position with few tries now reads like the one
-    before it. Where they do fall with the position, that prior is
+    bucket runs have few tries, and with a fixed prior they stay near it
+    and can hide every longer K: one of two suspects where, on the H200
+    (Qwen3-8B, batch 1 after batches 64, 32 and 8 had run K 3 and K 7), the
+    bucket ran K 7 in 198 of 325 steps with fixed K 15 10% faster (0.92x;
+    docs/adaptive.md, Measured). DFlash's conditional rates are about flat
+    past the first position, so a position with few tries now reads like
+    the one before it. Where they do fall with the position, that prior is
     optimistic, and running the longer K corrects it; a pessimistic one was
     never corrected, since the longer K was not run.
     """
