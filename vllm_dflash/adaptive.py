@@ -513,8 +513,8 @@ class AdaptiveDraftLength:
         floor of its step time (``StepCost.lower_bound``: what less work
         cost here or at smaller batches, and the slope in K) must beat the
         best measured K; a K with samples but too few is measured to the
-        end whatever its floor. Once measured, the bucket runs the best K and now
-        and then re-measures a rival (``_refresh``), so the table follows
+        end whatever its floor. Once measured, the bucket runs the best K
+        and now and then re-measures a rival (``_refresh``), so the table follows
         costs that drift (longer contexts, another tenant on the GPU, a
         first batch slower than the rest) and a K ruled out by a floor gets
         measured once its neighbour is best.
