@@ -7,7 +7,10 @@ A simulated step: the scheduler decides the next K before the step reports
 (as under async scheduling), the step verifies the previous decision's K,
 costs its table's time times the scenario's phase and a uniform noise, and
 every request draws its accepted drafts from the scenario's conditional
-acceptance. Fixed K engines draw from the same seeds.
+acceptance: one uniform draw per request and step, shared by every engine of
+a seed, so that the acceptance a stage happened to draw (at batch 1 over 400
+steps it spreads a fixed engine by about 5% between seeds) falls on the
+policy and the fixed K alike.
 
     python scripts/simulate_adaptive.py                  # this checkout
     python scripts/simulate_adaptive.py --compare HEAD~3 # beside an older one
@@ -55,6 +58,16 @@ QWEN3_8B_H200_MS = {
     1: {0: 4.98, 1: 6.3, 3: 6.58, 7: 7.2, 15: 7.6},
 }
 
+# The same engine's decode steps as the policy timed them (the steps between
+# two outputs, pure decode: step_samples_ms of the adaptive rows there; K 15 at
+# batch 64, never sampled, scaled from K 7 as the fixed engines' ratio).
+QWEN3_8B_H200_STEP_MS = {
+    64: {0: 6.59, 1: 8.31, 3: 10.18, 7: 16.22, 15: 27.6},
+    32: {0: 5.85, 1: 7.2, 3: 7.51, 7: 9.35, 15: 15.06},
+    8: {0: 5.35, 1: 6.27, 3: 6.37, 7: 6.48, 15: 6.89},
+    1: {0: 5.08, 1: 6.14, 3: 6.28, 7: 6.36, 15: 6.18},
+}
+
 
 @dataclass(frozen=True)
 class Scenario:
@@ -88,15 +101,28 @@ SCENARIOS = {
         DECAY,
         lambda b, k: QWEN3_8B_H200_MS[b][k],
     ),
+    "h200-qwen3-8b-order-steps": Scenario(
+        tuple((b, 400) for b in (64, 32, 8, 1)),
+        DECAY,
+        lambda b, k: QWEN3_8B_H200_STEP_MS[b][k],
+    ),
 }
 # (noise, phase): uniform noise of +-noise per step; "1.8x64": every other
 # stretch of 64 steps 1.8x slower (a drift that slows every K alike).
 REGIMES = ((0.0, "none"), (0.1, "none"), (0.2, "none"), (0.3, "1.8x64"))
 
 
-def _draw_accepted(rng: random.Random, conditional: list[float], k: int) -> int:
+def _survival(conditional: list[float]) -> list[float]:
+    """P(at least i drafts accepted) for i = 1, 2, ...: the running products."""
+    return list(itertools.accumulate(conditional, lambda a, b: a * b))
+
+
+def _accepted(u: float, survival: list[float], k: int) -> int:
+    """Accepted drafts of a request whose uniform draw is ``u``, with k drafts:
+    one draw per request and step, so engines at different K stay on the same
+    random stream and a K 7 step accepts min(what K 15 would, 7)."""
     n = 0
-    while n < k and rng.random() < conditional[n]:
+    while n < k and u < survival[n]:
         n += 1
     return n
 
@@ -108,6 +134,7 @@ def run(
     K or an ``AdaptiveDraftLength``."""
     fixed = isinstance(policy, int)
     rng, noise_rng = random.Random(seed), random.Random(seed + 100)
+    survival = _survival(scenario.conditional)
     clock, k, step, rates = 0.0, 0, 0, {}
     for batch, steps in scenario.stages:
         tokens, start = 0, clock
@@ -118,7 +145,7 @@ def run(
             ms = scenario.verify_ms(batch, k) + (scenario.draft_ms if k_next else 0.0)
             clock += ms / 1e3 * slow * jitter
             for _ in range(batch):
-                accepted = _draw_accepted(rng, scenario.conditional, k)
+                accepted = _accepted(rng.random(), survival, k)
                 tokens += 1 + accepted
                 if not fixed:
                     policy.observe_request(k, accepted)
