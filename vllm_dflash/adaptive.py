@@ -23,7 +23,8 @@ maximise expected output tokens per second:
   (steps that switch K are not samples: they draft for the other K). Each
   batch bucket that stays loaded measures its candidates (``min_samples``
   steps; first the K of the nearest measured bucket, then from K = 0 up,
-  skipping a K whose floor already rules it out), then re-measures its
+  skipping a K below a bigger measured bucket's best and a K whose floor
+  already rules it out), then re-measures its
   rivals one at a time, the closest to the best first: soon after the first
   measurement, then at doubling intervals up to every ``refresh_every``
   decisions, each followed by as many steps of the best K. A rival that
@@ -509,7 +510,9 @@ class AdaptiveDraftLength:
         (``_visit``; the first bucket of all has no such K and
         measures at once). It then measures its candidates
         (``min_samples`` steps each), that K first and then from K = 0 up,
-        each only while it could still win: its expected tokens over the
+        none below the best K of the nearest bigger measured bucket
+        (``_least_k``), each only while it could still win: its expected
+        tokens over the
         floor of its step time (``StepCost.lower_bound``: what less work
         cost here or at smaller batches, and the slope in K) must beat the
         best measured K; a K with samples but too few is measured to the
@@ -542,9 +545,10 @@ class AdaptiveDraftLength:
         # The donor's K first: once it is measured, the floors of the others
         # (mostly from smaller buckets) rule out those that cannot beat it.
         order = self.ks if donor is None else (donor, *self.ks)
+        least = self._least_k(bucket)
         for k in order:
             count = self.cost.count(batch, k)
-            if count >= self.min_samples:
+            if count >= self.min_samples or (count == 0 and k < least):
                 continue
             if count > 0:
                 # Begun and not finished: a re-measured rival the bucket had
@@ -666,6 +670,23 @@ class AdaptiveDraftLength:
             self._measured, key=lambda b: abs(math.log(b / bucket)), default=None
         )
         return None if nearest is None else self._best_measured(nearest)[0]
+
+    def _least_k(self, bucket: int) -> int:
+        """The smallest K the bucket measures unasked: the best K of the
+        nearest bigger measured bucket (0 where there is none).
+
+        A draft costs a smaller share of the step at a smaller batch (the
+        verify pass is further from compute-bound) and is accepted as often,
+        so the best K does not fall as the batch shrinks. Measuring the K
+        below it cost the H200's benchmark order (batches 64, 32, 8, 1) about
+        5 steps each at a third of the throughput in every new bucket. The
+        other direction (no K above a smaller bucket's best) is not used: in
+        simulation a load rising from batch 1 under heavy noise read batch
+        1's best K too low, and batch 8 fell to 0.82x of its best fixed K.
+        A K skipped here is still measured as a neighbour of the best
+        (``_refresh``)."""
+        bigger = [b for b in self._measured if b > bucket]
+        return self._best_measured(min(bigger))[0] if bigger else 0
 
     def _best_measured(self, batch: int) -> tuple[int, float]:
         """The measured K (``min_samples`` steps) with the highest expected
