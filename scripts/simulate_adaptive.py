@@ -103,6 +103,13 @@ SCENARIOS = {
         DECAY,
         lambda b, k: QWEN3_8B_H200_STEP_MS[b][k],
     ),
+    # A load that rises (batches 1, 8, 32, 64), as a server's does after a
+    # restart.
+    "h200-qwen3-8b-rising-steps": Scenario(
+        tuple((b, 400) for b in (1, 8, 32, 64)),
+        DECAY,
+        lambda b, k: QWEN3_8B_H200_STEP_MS[b][k],
+    ),
 }
 # (noise, phase): uniform noise of +-noise per step; "1.8x64": every other
 # stretch of 64 steps 1.8x slower (a drift that slows every K alike).
