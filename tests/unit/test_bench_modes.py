@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -318,10 +319,24 @@ def test_table_gives_the_paired_error_to_a_tenth_of_a_percent(
 
 
 def test_h200_session_figures_from_their_json() -> None:
-    """docs/adaptive.md's fifth- and sixth-session tables (paired ratio ±
+    """docs/adaptive.md's fifth- to seventh-session tables (paired ratio ±
     error), from the saved runs."""
     root = Path(__file__).parents[2] / "docs/benchmarks"
     expected = {
+        "qwen3-8b-h200-least-k-all-modes.json": {
+            1: (0.996, 0.005),
+            8: (0.985, 0.008),
+            32: (0.988, 0.008),
+            64: (0.990, 0.007),
+        },
+        "gemma4-26b-a4b-h200-least-k-k15-b64-b8-b1.json": {
+            1: (1.012, 0.011),
+            8: (0.977, 0.010),
+        },
+        "gemma4-26b-a4b-h200-least-k-k7-b64-b32.json": {
+            32: (1.007, 0.040),
+            64: (0.901, 0.059),
+        },
         "qwen3-8b-h200-confirm-all-modes.json": {
             1: (0.916, 0.029),
             8: (0.956, 0.018),
@@ -370,6 +385,41 @@ def test_h200_session_figures_from_their_json() -> None:
             assert s["adaptive_vs_best_fixed_paired_error"] == pytest.approx(
                 error, abs=5e-4
             )
+
+
+def test_gemma_batch_64_at_one_k_from_its_json() -> None:
+    """docs/adaptive.md, seventh session: at Gemma batch 64, ``dynamic-k7``
+    ran 1.03x +-2.3% of fixed K 7 with the same tokens in all 16 passes,
+    and adaptive 0.87x of it (one pass at 0.56x) in the 7 passes where it
+    generated the fixed engine's exact tokens (so ran K 7 at every step)."""
+    root = Path(__file__).parents[2] / "docs/benchmarks"
+
+    def passes(name: str, mode: str) -> tuple[list[float], list[str]]:
+        rows = json.loads((root / name).read_text())["rows"]
+        (row,) = [r for r in rows if r["mode"] == mode and r["batch"] == 64]
+        return row["pass_tok_per_s"], row["pass_output_digest"]
+
+    control = "gemma4-26b-a4b-h200-dynamic-k7-control-b64.json"
+    (fixed, fixed_d), (dyn, dyn_d) = (
+        passes(control, "plugin-k7"),
+        passes(control, "dynamic-k7"),
+    )
+    logs = [math.log(d / f) for d, f in zip(dyn, fixed, strict=True)]
+    assert dyn_d == fixed_d and len(logs) == 16
+    assert math.exp(statistics.mean(logs)) == pytest.approx(1.027, abs=5e-4)
+    error = statistics.stdev(logs) / math.sqrt(len(logs))
+    assert error == pytest.approx(0.023, abs=5e-4)
+
+    run = "gemma4-26b-a4b-h200-least-k-k7-b64-b32.json"
+    (fixed, fixed_d), (ada, ada_d) = passes(run, "plugin-k7"), passes(run, "adaptive")
+    same = [
+        math.log(a / f)
+        for a, f, x, y in zip(ada, fixed, ada_d, fixed_d, strict=True)
+        if x == y
+    ]
+    assert len(same) == 7
+    assert math.exp(statistics.mean(same)) == pytest.approx(0.870, abs=5e-4)
+    assert min(same) == pytest.approx(math.log(0.559), abs=1e-3)
 
 
 def test_paired_ratio_of_the_h200_interleaved_run() -> None:
