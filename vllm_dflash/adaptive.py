@@ -24,8 +24,8 @@ maximise expected output tokens per second:
   batch bucket that stays loaded measures its candidates (``min_samples``
   steps; first the K of the nearest measured bucket, then from K = 0 up,
   skipping a K below a bigger measured bucket's best and a K whose floor
-  already rules it out), then re-measures its
-  rivals one at a time, the closest to the best first: soon after the first
+  already rules it out), then re-measures its rivals one at a time, the
+  closest to the best first: soon after the first
   measurement, then at doubling intervals up to every ``refresh_every``
   decisions, each followed by as many steps of the best K. A rival that
   beats the best K is measured once more before the bucket switches to it
@@ -506,21 +506,20 @@ class AdaptiveDraftLength:
         """The K with the highest expected throughput at this batch size.
 
         A new batch bucket first runs the K the nearest measured bucket
-        would run, until it has ``explore_after`` recent visits
-        (``_visit``; the first bucket of all has no such K and
-        measures at once). It then measures its candidates
-        (``min_samples`` steps each), that K first and then from K = 0 up,
-        none below the best K of the nearest bigger measured bucket
-        (``_least_k``), each only while it could still win: its expected
-        tokens over the
-        floor of its step time (``StepCost.lower_bound``: what less work
-        cost here or at smaller batches, and the slope in K) must beat the
-        best measured K; a K with samples but too few is measured to the
-        end whatever its floor. Once measured, the bucket runs the best K
-        and now and then re-measures a rival (``_refresh``), so the table follows
-        costs that drift (longer contexts, another tenant on the GPU, a
-        first batch slower than the rest) and a K ruled out by a floor gets
-        measured once its neighbour is best.
+        would run, until it has ``explore_after`` recent visits (``_visit``;
+        the first bucket of all has no such K and measures at once). It then
+        measures its candidates (``min_samples`` steps each), that K first
+        and then from K = 0 up, none below the best K of the nearest bigger
+        measured bucket (``_least_k``), each only while it could still win:
+        its expected tokens over the floor of its step time
+        (``StepCost.lower_bound``: what less work cost here or at smaller
+        batches, and the slope in K) must beat the best measured K; a K with
+        samples but too few is measured to the end whatever its floor. Once
+        measured, the bucket runs the best K and now and then re-measures a
+        rival (``_refresh``), so the table follows costs that drift (longer
+        contexts, another tenant on the GPU, a first batch slower than the
+        rest) and a K ruled out by a floor (or by ``_least_k``) gets measured
+        once its neighbour is best.
         """
         bucket = batch_bucket(batch)
         donor = self._donor(bucket)
@@ -680,8 +679,8 @@ class AdaptiveDraftLength:
         so the best K does not fall as the batch shrinks: on the H200 it was
         K 3, 7, 15, 15 (Qwen3-8B) and K 7, 7, 15, 15 (Gemma 4) at batches
         64, 32, 8, 1. In the benchmark's order, largest batch first, every
-        new bucket still measured K 0 and K 1 (5 steps each at a third of
-        the throughput or less), and with them the slope floor could rule
+        new bucket still measured K 0 and K 1 (5 steps each at under half
+        the best K's throughput), and with them the slope floor could rule
         out the K above its donor's. Simulated on Qwen3-8B's H200 step costs
         in that order (``scripts/simulate_adaptive.py``, no noise), batch 8
         goes from 0.980x to 0.993x of its best fixed K and batch 1 from
