@@ -465,12 +465,18 @@ def _policy_delta(
 
 def _memory_utilization(share: float = 1.0) -> float:
     """This engine's share of 0.85 of a GPU (0.9 when engines share one: each
-    holds the whole model, and a smaller KV cache would limit the batch); on
-    CPU vLLM sizes the KV cache from host memory: 0.15 of it."""
+    holds the whole model, and a smaller KV cache would limit the batch).
+
+    On CPU, vLLM gives each engine process a KV cache of this fraction of
+    the host's memory less what the process already holds, so engines do
+    not divide one pool: every engine gets 0.15. Divided among three
+    interleaved engines (0.05), it came to less than a process's own
+    footprint on a CI machine whose memory node read 9.34 GiB, and the
+    engine refused to start ("requested memory for kv (-0.29/0.47 GiB)")."""
     import torch
 
     if not torch.cuda.is_available():
-        return 0.15 * share
+        return 0.15
     return (0.85 if share == 1.0 else 0.9) * share
 
 
