@@ -109,6 +109,14 @@ TRACE_RUNS = 512
 # Steps whose outputs arrive further apart than this were not back to back
 # (the engine idled): their interval says nothing about the step's cost.
 MAX_STEP_GAP_S = 2.0
+# A step that takes STALL_FACTOR times the median of the last STALL_WINDOW
+# intervals is kept in ``snapshot()["stalls"]`` (the last STALLS_KEPT): on
+# the H200 a Gemma 4 batch-64 K 0 step took 600 ms among 13 ms ones, and
+# adaptive's batch-64 passes there spread more than a fixed K's while
+# running its K (docs/adaptive.md, Measured, seventh session).
+STALL_FACTOR = 3.0
+STALL_WINDOW = 32
+STALLS_KEPT = 64
 
 
 def candidate_ks(k_max: int) -> tuple[int, ...]:
@@ -486,6 +494,9 @@ class AdaptiveDraftLength:
         # waited for its bracket.
         self._challenger: dict[int, tuple[int, bool, int]] = {}
         self._last_output_s: float | None = None
+        self._intervals: deque[float] = deque(maxlen=STALL_WINDOW)
+        # [decisions so far, batch, largest K verified, ms] of each stall.
+        self.stalls: deque[list[float]] = deque(maxlen=STALLS_KEPT)
 
     # -- the decision -----------------------------------------------------
     def __getitem__(self, batch: int) -> int:
@@ -740,6 +751,7 @@ class AdaptiveDraftLength:
         if not 0 < seconds < MAX_STEP_GAP_S:
             return
         ks = {len(scheduled_drafts.get(r, ())) for r in num_scheduled_tokens}
+        self._note_stall(seconds, len(num_scheduled_tokens), max(ks))
         if len(ks) != 1:
             return
         (k,) = ks
@@ -748,6 +760,18 @@ class AdaptiveDraftLength:
         if any(n != 1 + k for n in num_scheduled_tokens.values()):
             return  # a prefill or a request clipped at max_model_len
         self.cost.observe(len(num_scheduled_tokens), k, seconds)
+
+    def _note_stall(self, seconds: float, batch: int, k: int) -> None:
+        """Keep a step far slower than the steps before it (any K, prefills
+        included), for ``snapshot()``; the step index is the decision count
+        when its output arrived (one or two past its own decision)."""
+        recent = sorted(self._intervals)
+        if (
+            len(recent) == STALL_WINDOW
+            and seconds > STALL_FACTOR * recent[STALL_WINDOW // 2]
+        ):
+            self.stalls.append([self.steps, batch, k, round(1e3 * seconds, 3)])
+        self._intervals.append(seconds)
 
     def steps_per_k(self) -> dict[int, int]:
         """How many steps each K was chosen for, over all batch sizes."""
@@ -761,8 +785,8 @@ class AdaptiveDraftLength:
         the benchmark and for debugging a choice: steps per K (all batch
         sizes, and per batch bucket), the median step time per (batch bucket,
         K) in ms with its sample count and the samples, the conditional
-        acceptance per position, and the last TRACE_RUNS runs of equal
-        decisions in order."""
+        acceptance per position, the last TRACE_RUNS runs of equal
+        decisions in order, and the last STALLS_KEPT stalls."""
         return {
             "steps": self.steps,
             "steps_per_k": {str(k): n for k, n in self.steps_per_k().items()},
@@ -798,6 +822,9 @@ class AdaptiveDraftLength:
             # [first step, batch bucket, K, steps]: e.g. [120, 32, 3, 40] is
             # steps 120..159, batch bucket 32, K 3.
             "trace": [list(run) for run in self.trace],
+            # [step, batch, K, ms] of the steps that took STALL_FACTOR times
+            # the recent median (a compile, a host hiccup, a neighbour).
+            "stalls": [list(stall) for stall in self.stalls],
         }
 
     def summary(self) -> str:

@@ -446,7 +446,8 @@ def _policy_delta(
     before: dict[str, Any] | None, after: dict[str, Any] | None
 ) -> dict[str, Any] | None:
     """The policy's snapshot after a timed run, its step counts (per K, per
-    batch bucket and K) and its decision trace over that run only."""
+    batch bucket and K), its decision trace and its stalls over that run
+    only."""
     if after is None:
         return None
     delta = dict(after)
@@ -460,6 +461,7 @@ def _policy_delta(
         for first, bucket, k, n in after.get("trace", [])
         if first + n > start
     ]
+    delta["stalls"] = [s for s in after.get("stalls", []) if s[0] > start]
     return delta
 
 

@@ -61,6 +61,10 @@ def test_bench_writes_table_json_and_plot(tmp_path: Path) -> None:
         assert sum(run[3] for run in policy["trace"]) == sum(
             policy["steps_per_k"].values()
         )
+        # Stalls (steps over 3x the recent median), the timed run's only.
+        start = policy["trace"][0][0]
+        for step, batch, k, ms in policy["stalls"]:
+            assert step > start and 1 <= batch <= b and 0 <= k <= 7 and ms > 0
         assert len(policy["conditional_acceptance"]) == 7
         drafted = any(k != "0" for k in policy["steps_per_k"])
         if row["acceptance_length"] is not None:

@@ -611,6 +611,28 @@ def test_snapshot_reports_decisions_costs_and_acceptance() -> None:
     json.dumps(snap)  # JSON-ready: the benchmark stores it
 
 
+def test_a_step_far_slower_than_the_recent_ones_is_kept_as_a_stall() -> None:
+    """On the H200 a Gemma 4 batch-64 K 0 step took 600 ms among 13 ms ones,
+    and the snapshot's samples showed it only because it was a sample. Every
+    step over 3x the median of the last 32 intervals is now kept, prefills
+    and switches included, with its step, batch and K; an idle gap (over
+    MAX_STEP_GAP_S) is not a step."""
+    policy = AdaptiveDraftLength(7)
+    drafts = {f"r{i}": [0] * 3 for i in range(4)}
+    slow = {35: 0.6, 37: 0.025, 39: 2.5}  # a stall, 2.5x, an idle gap
+    clock = 0.0
+    for i in range(41):
+        policy[4]
+        clock += slow.get(i, 0.010 + 0.001 * (i % 3))
+        policy.observe_step_output({r: 4 for r in drafts}, drafts, 3, clock)
+    assert policy.snapshot()["stalls"] == [[36, 4, 3, 600.0]]
+    # Before the window is full nothing is judged.
+    fresh = AdaptiveDraftLength(7)
+    for i, t in enumerate([0.01, 0.02, 0.5]):
+        fresh.observe_step_output({"r": 4}, {"r": [0] * 3}, 3, t * (i + 1))
+    assert fresh.snapshot()["stalls"] == []
+
+
 def test_policy_delta_counts_only_the_timed_run() -> None:
     from vllm_dflash.bench import _policy_delta
 
@@ -625,6 +647,7 @@ def test_policy_delta_counts_only_the_timed_run() -> None:
         "steps_per_batch_k": {"b8/K3": 6, "b16/K3": 3, "b16/K7": 2},
         "step_ms": {},
         "trace": [[0, 8, 0, 3], [3, 8, 3, 6], [9, 16, 3, 3], [12, 16, 7, 2]],
+        "stalls": [[5, 8, 3, 90.0], [11, 16, 3, 80.0]],
     }
     delta = _policy_delta(before, after)
     assert delta is not None
@@ -632,6 +655,7 @@ def test_policy_delta_counts_only_the_timed_run() -> None:
     assert delta["steps_per_batch_k"] == {"b8/K3": 1, "b16/K3": 3, "b16/K7": 2}
     # The run that straddles the start is cut to its timed step.
     assert delta["trace"] == [[8, 8, 3, 1], [9, 16, 3, 3], [12, 16, 7, 2]]
+    assert delta["stalls"] == [[11, 16, 3, 80.0]]
     assert _policy_delta(None, after)["steps_per_k"] == after["steps_per_k"]
     assert _policy_delta(None, None) is None
 
