@@ -394,27 +394,29 @@ def test_gemma_batch_64_at_one_k_from_its_json() -> None:
     generated the fixed engine's exact tokens (so ran K 7 at every step)."""
     root = Path(__file__).parents[2] / "docs/benchmarks"
 
-    def passes(name: str, mode: str) -> tuple[list[float], list[str]]:
+    def batch_64(name: str, mode: str) -> BenchRow:
         rows = json.loads((root / name).read_text())["rows"]
         (row,) = [r for r in rows if r["mode"] == mode and r["batch"] == 64]
-        return row["pass_tok_per_s"], row["pass_output_digest"]
+        return BenchRow(**row)
 
     control = "gemma4-26b-a4b-h200-dynamic-k7-control-b64.json"
-    (fixed, fixed_d), (dyn, dyn_d) = (
-        passes(control, "plugin-k7"),
-        passes(control, "dynamic-k7"),
-    )
-    logs = [math.log(d / f) for d, f in zip(dyn, fixed, strict=True)]
-    assert dyn_d == fixed_d and len(logs) == 16
-    assert math.exp(statistics.mean(logs)) == pytest.approx(1.027, abs=5e-4)
-    error = statistics.stdev(logs) / math.sqrt(len(logs))
-    assert error == pytest.approx(0.023, abs=5e-4)
+    fixed, dyn = batch_64(control, "plugin-k7"), batch_64(control, "dynamic-k7")
+    assert dyn.pass_output_digest == fixed.pass_output_digest
+    assert len(dyn.pass_tok_per_s) == 16
+    assert bench.paired_ratio(dyn, fixed) == pytest.approx(1.027, abs=5e-4)
+    assert bench.paired_error(dyn, fixed) == pytest.approx(0.023, abs=5e-4)
 
     run = "gemma4-26b-a4b-h200-least-k-k7-b64-b32.json"
-    (fixed, fixed_d), (ada, ada_d) = passes(run, "plugin-k7"), passes(run, "adaptive")
+    fixed, ada = batch_64(run, "plugin-k7"), batch_64(run, "adaptive")
     same = [
         math.log(a / f)
-        for a, f, x, y in zip(ada, fixed, ada_d, fixed_d, strict=True)
+        for a, f, x, y in zip(
+            ada.pass_tok_per_s,
+            fixed.pass_tok_per_s,
+            ada.pass_output_digest,
+            fixed.pass_output_digest,
+            strict=True,
+        )
         if x == y
     ]
     assert len(same) == 7
