@@ -110,13 +110,77 @@ TRACE_RUNS = 512
 # (the engine idled): their interval says nothing about the step's cost.
 MAX_STEP_GAP_S = 2.0
 # A step that takes STALL_FACTOR times the median of the last STALL_WINDOW
-# intervals is kept in ``snapshot()["stalls"]`` (the last STALLS_KEPT): on
-# the H200 a Gemma 4 batch-64 K 0 step took 600 ms among 13 ms ones, and
+# intervals is kept in ``StepClock.stalls`` (the last STALLS_KEPT): on the
+# H200 a Gemma 4 batch-64 K 0 step took 600 ms among 13 ms ones, and
 # adaptive's batch-64 passes there spread more than a fixed K's while
 # running its K (docs/adaptive.md, Measured, seventh session).
 STALL_FACTOR = 3.0
 STALL_WINDOW = 32
 STALLS_KEPT = 64
+
+
+@dataclass
+class StepClock:
+    """The intervals between a scheduler's consecutive step outputs: in a
+    steady decode, one step's wall time (verify, drafting, host work).
+
+    ``tick`` returns a step's interval, or None for an output that follows
+    an idle engine: the first one after ``idle`` (the scheduler ran out of
+    requests, so the interval holds the wait for the next ones) and one
+    more than MAX_STEP_GAP_S after the output before. In an interleaved
+    benchmark every engine waits out the others' passes with no request, and
+    each of its passes' first intervals held that wait. The clock counts the
+    intervals and their seconds, and keeps the stalls: intervals over
+    STALL_FACTOR times the median of the last STALL_WINDOW (any K, prefills
+    and switches included) as ``[interval count, batch, K, ms]``. It costs
+    about half a microsecond a step."""
+
+    steps: int = 0
+    busy_s: float = 0.0
+    stalls: deque[list[float]] = field(
+        default_factory=lambda: deque(maxlen=STALLS_KEPT)
+    )
+    _last_s: float | None = field(default=None, repr=False)
+    _intervals: deque[float] = field(
+        default_factory=lambda: deque(maxlen=STALL_WINDOW), repr=False
+    )
+
+    def tick(self, now: float, batch: int, k: int) -> float | None:
+        """An output at ``now`` of a step over ``batch`` requests, the
+        largest with ``k`` drafts (batch 0: an output with nothing
+        scheduled, which only moves the clock); its interval or None."""
+        last, self._last_s = self._last_s, now
+        if last is None or batch == 0:
+            return None
+        seconds = now - last
+        if not 0 < seconds < MAX_STEP_GAP_S:
+            return None
+        self.steps += 1
+        self.busy_s += seconds
+        recent = sorted(self._intervals)
+        if (
+            len(recent) == STALL_WINDOW
+            and seconds > STALL_FACTOR * recent[STALL_WINDOW // 2]
+        ):
+            self.stalls.append([self.steps, batch, k, round(1e3 * seconds, 3)])
+        self._intervals.append(seconds)
+        return seconds
+
+    def idle(self) -> None:
+        """The scheduler has no request left: the next interval is no step."""
+        self._last_s = None
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "steps": self.steps,
+            "busy_s": round(self.busy_s, 6),
+            "stalls": [list(stall) for stall in self.stalls],
+        }
+
+
+# The step clock of the last DFlash scheduler built in this process (the
+# adaptive policy's own where it has one), for the benchmark.
+last_clock: StepClock | None = None
 
 
 def candidate_ks(k_max: int) -> tuple[int, ...]:
@@ -493,10 +557,7 @@ class AdaptiveDraftLength:
         # is judged, whether it is being confirmed, and the decisions it has
         # waited for its bracket.
         self._challenger: dict[int, tuple[int, bool, int]] = {}
-        self._last_output_s: float | None = None
-        self._intervals: deque[float] = deque(maxlen=STALL_WINDOW)
-        # [decisions so far, batch, largest K verified, ms] of each stall.
-        self.stalls: deque[list[float]] = deque(maxlen=STALLS_KEPT)
+        self.clock = StepClock()
 
     # -- the decision -----------------------------------------------------
     def __getitem__(self, batch: int) -> int:
@@ -744,15 +805,9 @@ class AdaptiveDraftLength:
         drafts for the other K (the V1 runner skips the drafter when the
         next K is 0), so it stands for neither.
         """
-        last, self._last_output_s = self._last_output_s, now
-        if last is None or not num_scheduled_tokens:
-            return
-        seconds = now - last
-        if not 0 < seconds < MAX_STEP_GAP_S:
-            return
         ks = {len(scheduled_drafts.get(r, ())) for r in num_scheduled_tokens}
-        self._note_stall(seconds, len(num_scheduled_tokens), max(ks))
-        if len(ks) != 1:
+        seconds = self.clock.tick(now, len(num_scheduled_tokens), max(ks, default=0))
+        if seconds is None or len(ks) != 1:
             return
         (k,) = ks
         if k not in self.ks or (next_k is not None and next_k != k):
@@ -760,18 +815,6 @@ class AdaptiveDraftLength:
         if any(n != 1 + k for n in num_scheduled_tokens.values()):
             return  # a prefill or a request clipped at max_model_len
         self.cost.observe(len(num_scheduled_tokens), k, seconds)
-
-    def _note_stall(self, seconds: float, batch: int, k: int) -> None:
-        """Keep a step far slower than the steps before it (any K, prefills
-        included), for ``snapshot()``; the step index is the decision count
-        when its output arrived (one or two past its own decision)."""
-        recent = sorted(self._intervals)
-        if (
-            len(recent) == STALL_WINDOW
-            and seconds > STALL_FACTOR * recent[STALL_WINDOW // 2]
-        ):
-            self.stalls.append([self.steps, batch, k, round(1e3 * seconds, 3)])
-        self._intervals.append(seconds)
 
     def steps_per_k(self) -> dict[int, int]:
         """How many steps each K was chosen for, over all batch sizes."""
@@ -786,7 +829,7 @@ class AdaptiveDraftLength:
         sizes, and per batch bucket), the median step time per (batch bucket,
         K) in ms with its sample count and the samples, the conditional
         acceptance per position, the last TRACE_RUNS runs of equal
-        decisions in order, and the last STALLS_KEPT stalls."""
+        decisions in order, and the step clock's (``StepClock.snapshot``)."""
         return {
             "steps": self.steps,
             "steps_per_k": {str(k): n for k, n in self.steps_per_k().items()},
@@ -822,9 +865,8 @@ class AdaptiveDraftLength:
             # [first step, batch bucket, K, steps]: e.g. [120, 32, 3, 40] is
             # steps 120..159, batch bucket 32, K 3.
             "trace": [list(run) for run in self.trace],
-            # [step, batch, K, ms] of the steps that took STALL_FACTOR times
-            # the recent median (a compile, a host hiccup, a neighbour).
-            "stalls": [list(stall) for stall in self.stalls],
+            # Intervals counted, their seconds, and the stalls among them.
+            "clock": self.clock.snapshot(),
         }
 
     def summary(self) -> str:
@@ -849,14 +891,22 @@ LOG_EVERY = 4096
 
 def install(k_max: int) -> AdaptiveDraftLength:
     """The policy for a scheduler with ``num_speculative_tokens = k_max``."""
-    global last_policy
+    global last_policy, last_clock
     last_policy = AdaptiveDraftLength(k_max)
+    last_clock = last_policy.clock
     get_logger(__name__).info(
         "vllm-dflash: adaptive draft length on (VLLM_DFLASH_ADAPTIVE_K=1): "
         "K per step from %s, by measured acceptance and step time.",
         list(last_policy.ks),
     )
     return last_policy
+
+
+def install_clock() -> StepClock:
+    """The step clock of a DFlash scheduler without the policy."""
+    global last_clock
+    last_clock = StepClock()
+    return last_clock
 
 
 def log_summary(policy: AdaptiveDraftLength) -> None:

@@ -37,7 +37,12 @@ from typing import Any
 
 from vllm_dflash.adaptive import candidate_ks
 from vllm_dflash.config import DFlashConfigError
-from vllm_dflash.engine import adaptive_snapshot, collect_spec_metrics, runner_version
+from vllm_dflash.engine import (
+    adaptive_snapshot,
+    collect_spec_metrics,
+    runner_version,
+    step_clock_snapshot,
+)
 from vllm_dflash.envs import ADAPTIVE_K
 
 MODES = ("none", "native", "plugin")
@@ -410,6 +415,11 @@ class BenchRow:
     """Each timed pass's ``output_digest``: with ``--interleave`` (the same
     prompts in every engine) it says which engines' passes generated the
     same tokens."""
+    pass_clock: list[dict[str, Any]] = field(default_factory=list)
+    """Each timed pass's step clock (plugin DFlash modes; ``StepClock``): its
+    steps, their seconds ``busy_s`` (the pass's time less its first step,
+    which follows the idle engine, and its host work around the steps), and
+    its stalls, ``[step in the pass, batch, K, ms]``."""
 
 
 def _spec_metrics(llm: Any) -> tuple[float, float, float]:
@@ -442,15 +452,27 @@ def output_digest(token_ids: list[list[int]]) -> str:
     return hashlib.sha256(json.dumps(token_ids).encode()).hexdigest()[:16]
 
 
+def _clock_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """A pass's step clock: its steps, their seconds, and its stalls (their
+    step counted from the pass's first)."""
+    start = before["steps"]
+    return {
+        "steps": after["steps"] - start,
+        "busy_s": round(after["busy_s"] - before["busy_s"], 6),
+        "stalls": [[s[0] - start, *s[1:]] for s in after["stalls"] if s[0] > start],
+    }
+
+
 def _policy_delta(
     before: dict[str, Any] | None, after: dict[str, Any] | None
 ) -> dict[str, Any] | None:
     """The policy's snapshot after a timed run, its step counts (per K, per
-    batch bucket and K), its decision trace and its stalls over that run
-    only."""
+    batch bucket and K) and its decision trace over that run only (its step
+    clock is in the row's ``pass_clock``)."""
     if after is None:
         return None
     delta = dict(after)
+    delta.pop("clock", None)
     for name in ("steps_per_k", "steps_per_batch_k"):
         old = (before or {}).get(name, {})
         steps = {k: n - old.get(k, 0) for k, n in after.get(name, {}).items()}
@@ -461,7 +483,6 @@ def _policy_delta(
         for first, bucket, k, n in after.get("trace", [])
         if first + n > start
     ]
-    delta["stalls"] = [s for s in after.get("stalls", []) if s[0] > start]
     return delta
 
 
@@ -508,6 +529,8 @@ class _Engine:
         self._passes: list[tuple[int, float]] = []
         self._pass_starts: list[float] = []
         self._digests: list[str] = []
+        self._clock: dict[str, Any] | None = None
+        self._pass_clock: list[dict[str, Any]] = []
         self.last_prompts: Any = None
 
     def _prompts(self, n: int) -> Any:
@@ -540,7 +563,9 @@ class _Engine:
         self._warm_tok_per_s = tokens / seconds
         self._metrics_before = _spec_metrics(self.llm)
         self._policy_before = self.llm.collective_rpc(adaptive_snapshot)[0]
+        self._clock = self.llm.collective_rpc(step_clock_snapshot)[0]
         self._passes, self._pass_starts, self._digests = [], [], []
+        self._pass_clock = []
 
     def timed_pass(self) -> float:
         """One timed pass of the current batch over fresh prompts; its tok/s."""
@@ -551,6 +576,10 @@ class _Engine:
         )
         self._passes.append((tokens, seconds))
         self._digests.append(digest)
+        clock = self.llm.collective_rpc(step_clock_snapshot)[0]
+        if clock is not None and self._clock is not None:
+            self._pass_clock.append(_clock_delta(self._clock, clock))
+        self._clock = clock
         return tokens / seconds
 
     def end(self) -> BenchRow:
@@ -593,6 +622,7 @@ class _Engine:
             pass_start_s=self._pass_starts,
             drafts_per_request_step=k_mean,
             pass_output_digest=self._digests,
+            pass_clock=self._pass_clock,
         )
 
 

@@ -102,6 +102,16 @@ def adaptive_snapshot(worker: Any) -> dict[str, Any] | None:
     return None if policy is None else policy.snapshot()
 
 
+def step_clock_snapshot(worker: Any) -> dict[str, Any] | None:
+    """The DFlash scheduler's ``StepClock.snapshot()`` (step intervals and
+    stalls; the adaptive policy's clock where it has one), through
+    ``collective_rpc`` as ``adaptive_snapshot``; None without one."""
+    from vllm_dflash import adaptive
+
+    clock = adaptive.last_clock
+    return None if clock is None else clock.snapshot()
+
+
 def _call_hook(worker: Any, hook: str, phase: str) -> Any:
     import importlib
 

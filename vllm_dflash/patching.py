@@ -513,7 +513,10 @@ def patch_scheduler_adaptive(module: ModuleType) -> None:
               ``__init__`` the scheduler's ``dynamic_sd_lookup`` (indexed by
               batch size) becomes an ``AdaptiveDraftLength``; each step's
               output and each request's accepted count are reported to it
-              before vLLM's own handling, which is unchanged.
+              before vLLM's own handling, which is unchanged. A DFlash
+              scheduler without the policy gets a bare ``StepClock`` (step
+              intervals and stalls, for the benchmark's fixed-K engines);
+              either clock learns when the scheduler runs out of requests.
     Upstream: none yet; the change needed is a pluggable draft-length policy
               (an object behind ``dynamic_sd_lookup`` fed with step results).
     Remove:   when vLLM takes a draft-length policy object.
@@ -533,24 +536,34 @@ def patch_scheduler_adaptive(module: ModuleType) -> None:
     def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
         init(self, *args, **kwargs)
         spec = getattr(self.vllm_config, "speculative_config", None)
-        if getattr(spec, "method", None) == "dflash" and adaptive_schedule_injected(
-            spec
-        ):
+        if getattr(spec, "method", None) != "dflash":
+            return
+        if adaptive_schedule_injected(spec):
             self.dynamic_sd_lookup = adaptive.install(self.num_spec_tokens)
+        else:
+            self._vllm_dflash_clock = adaptive.install_clock()
 
     @functools.wraps(update)
     def update_from_output(
         self: Any, scheduler_output: Any, *args: Any, **kwargs: Any
     ) -> Any:
-        policy = _policy_of(self)
+        policy, clock = _policy_of(self), _clock_of(self)
+        scheduled = scheduler_output.num_scheduled_tokens
+        drafts = scheduler_output.scheduled_spec_decode_tokens
         if policy is not None:
             policy.observe_step_output(
-                scheduler_output.num_scheduled_tokens,
-                scheduler_output.scheduled_spec_decode_tokens,
+                scheduled,
+                drafts,
                 getattr(scheduler_output, "num_spec_tokens_to_schedule", None),
                 time.perf_counter(),
             )
-        return update(self, scheduler_output, *args, **kwargs)
+        elif clock is not None:
+            largest = max(map(len, drafts.values()), default=0)
+            clock.tick(time.perf_counter(), len(scheduled), largest)
+        outputs = update(self, scheduler_output, *args, **kwargs)
+        if clock is not None and not self.has_unfinished_requests():
+            clock.idle()
+        return outputs
 
     @functools.wraps(stats)
     def make_spec_decoding_stats(
@@ -583,6 +596,13 @@ def patch_scheduler_adaptive(module: ModuleType) -> None:
 def _policy_of(scheduler: Any) -> adaptive.AdaptiveDraftLength | None:
     lookup = getattr(scheduler, "dynamic_sd_lookup", None)
     return lookup if isinstance(lookup, adaptive.AdaptiveDraftLength) else None
+
+
+def _clock_of(scheduler: Any) -> adaptive.StepClock | None:
+    policy = _policy_of(scheduler)
+    if policy is not None:
+        return policy.clock
+    return getattr(scheduler, "_vllm_dflash_clock", None)
 
 
 # --- vLLM 0.20: non-causal attention only for the drafter -------------------

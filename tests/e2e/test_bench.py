@@ -61,15 +61,25 @@ def test_bench_writes_table_json_and_plot(tmp_path: Path) -> None:
         assert sum(run[3] for run in policy["trace"]) == sum(
             policy["steps_per_k"].values()
         )
-        # Stalls (steps over 3x the recent median), the timed run's only.
-        start = policy["trace"][0][0]
-        for step, batch, k, ms in policy["stalls"]:
-            assert step > start and 1 <= batch <= b and 0 <= k <= 7 and ms > 0
         assert len(policy["conditional_acceptance"]) == 7
         drafted = any(k != "0" for k in policy["steps_per_k"])
         if row["acceptance_length"] is not None:
             assert drafted and 1.0 <= row["acceptance_length"] <= 8.0
             assert 0.0 < row["drafts_per_request_step"] <= 7.0
+    # Every plugin engine's passes carry their step clock: the steps of the
+    # pass after its first output, in less time than the pass, and the
+    # stalls (steps over 3x the recent median) among them.
+    for (mode, b), row in rows.items():
+        clocks = row["pass_clock"]
+        if mode == "none":
+            assert clocks == []
+            continue
+        assert len(clocks) == 2, (mode, b)
+        for clock, rate in zip(clocks, row["pass_tok_per_s"], strict=True):
+            assert 0 < clock["steps"] < 16 and 0 < clock["busy_s"] < 16 * b / rate
+            for step, batch, k, ms in clock["stalls"]:
+                assert 1 <= step <= clock["steps"] and 1 <= batch <= b
+                assert 0 <= k <= 7 and 0 < ms <= 1e3 * clock["busy_s"]
     assert rows[("plugin-k3", 1)]["adaptive"] is None
     assert rows[("plugin-k3", 1)]["drafts_per_request_step"] == 3.0
     # Every row keeps its untimed full-batch warm-up's rate.

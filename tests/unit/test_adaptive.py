@@ -18,7 +18,12 @@ from pathlib import Path
 import pytest
 
 from vllm_dflash import adaptive, patching
-from vllm_dflash.adaptive import MIN_SAMPLES, AcceptanceEstimate, AdaptiveDraftLength
+from vllm_dflash.adaptive import (
+    MIN_SAMPLES,
+    AcceptanceEstimate,
+    AdaptiveDraftLength,
+    StepClock,
+)
 
 
 def test_candidates_and_capture_schedule_cover_every_k() -> None:
@@ -625,12 +630,40 @@ def test_a_step_far_slower_than_the_recent_ones_is_kept_as_a_stall() -> None:
         policy[4]
         clock += slow.get(i, 0.010 + 0.001 * (i % 3))
         policy.observe_step_output({r: 4 for r in drafts}, drafts, 3, clock)
-    assert policy.snapshot()["stalls"] == [[36, 4, 3, 600.0]]
+    # 41 outputs: 40 intervals, less the idle gap; the first output (at
+    # 10 ms) closes none.
+    snap = policy.snapshot()["clock"]
+    assert snap["stalls"] == [[35, 4, 3, 600.0]]
+    assert snap["steps"] == 39
+    assert snap["busy_s"] == pytest.approx(clock - 2.5 - 0.010)
     # Before the window is full nothing is judged.
     fresh = AdaptiveDraftLength(7)
     for i, t in enumerate([0.01, 0.02, 0.5]):
         fresh.observe_step_output({"r": 4}, {"r": [0] * 3}, 3, t * (i + 1))
-    assert fresh.snapshot()["stalls"] == []
+    assert fresh.snapshot()["clock"]["stalls"] == []
+
+
+def test_the_first_output_after_the_scheduler_idled_is_no_step() -> None:
+    """An interleaved benchmark's engine waits out the other engines'
+    passes with no request (1.4 s at Gemma batch 64, under MAX_STEP_GAP_S):
+    the first interval of its next pass held that wait, and read as a stall
+    and, for a decode step, as a cost sample."""
+    clock = StepClock()
+    assert clock.tick(1.00, 4, 3) is None  # the first output: no interval
+    assert clock.tick(1.01, 4, 3) == pytest.approx(0.01)
+    clock.idle()
+    assert clock.tick(2.40, 4, 3) is None
+    assert clock.tick(2.41, 0, 0) is None  # nothing scheduled: no step
+    assert clock.tick(2.42, 4, 3) == pytest.approx(0.01)
+    assert clock.steps == 2 and clock.busy_s == pytest.approx(0.02)
+    # The policy's cost samples come from its clock: after idle(), a decode
+    # step's output starts the count again.
+    policy = AdaptiveDraftLength(7)
+    for t in (1.0, 1.01, 1.02):
+        policy.observe_step_output({"r": 4}, {"r": [0] * 3}, 3, t)
+    policy.clock.idle()
+    policy.observe_step_output({"r": 4}, {"r": [0] * 3}, 3, 2.5)
+    assert policy.snapshot()["step_samples_ms"] == {"b1/K3": [10.0]}
 
 
 def test_policy_delta_counts_only_the_timed_run() -> None:
@@ -647,7 +680,7 @@ def test_policy_delta_counts_only_the_timed_run() -> None:
         "steps_per_batch_k": {"b8/K3": 6, "b16/K3": 3, "b16/K7": 2},
         "step_ms": {},
         "trace": [[0, 8, 0, 3], [3, 8, 3, 6], [9, 16, 3, 3], [12, 16, 7, 2]],
-        "stalls": [[5, 8, 3, 90.0], [11, 16, 3, 80.0]],
+        "clock": {"steps": 13, "busy_s": 0.2, "stalls": [[11, 16, 3, 80.0]]},
     }
     delta = _policy_delta(before, after)
     assert delta is not None
@@ -655,9 +688,25 @@ def test_policy_delta_counts_only_the_timed_run() -> None:
     assert delta["steps_per_batch_k"] == {"b8/K3": 1, "b16/K3": 3, "b16/K7": 2}
     # The run that straddles the start is cut to its timed step.
     assert delta["trace"] == [[8, 8, 3, 1], [9, 16, 3, 3], [12, 16, 7, 2]]
-    assert delta["stalls"] == [[11, 16, 3, 80.0]]
+    assert "clock" not in delta  # per pass in the row (pass_clock)
     assert _policy_delta(None, after)["steps_per_k"] == after["steps_per_k"]
     assert _policy_delta(None, None) is None
+
+
+def test_clock_delta_is_one_pass() -> None:
+    from vllm_dflash.bench import _clock_delta
+
+    before = {"steps": 40, "busy_s": 0.5, "stalls": [[12, 64, 7, 90.0]]}
+    after = {
+        "steps": 140,
+        "busy_s": 2.0,
+        "stalls": [[12, 64, 7, 90.0], [95, 64, 7, 600.0]],
+    }
+    assert _clock_delta(before, after) == {
+        "steps": 100,
+        "busy_s": 1.5,
+        "stalls": [[55, 64, 7, 600.0]],
+    }
 
 
 def test_a_slow_reading_does_not_hide_a_larger_k() -> None:
