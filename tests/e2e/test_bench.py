@@ -159,3 +159,45 @@ def test_interleaved_modes_alternate_passes_on_identical_prompts(
     # The passes pair up (bench.paired_ratio checks their start times).
     dynamic, plugin = (BenchRow(**rows[(m, 2)]) for m in ("dynamic-k3", "plugin-k3"))
     assert paired_ratio(dynamic, plugin) is not None
+
+
+def test_rounds_restart_the_engines_in_the_other_order(tmp_path: Path) -> None:
+    """``--rounds 2``: the run twice, every engine restarted and started one
+    mode later (A B, then B A), each row holding both rounds' passes with
+    the start position of the engine that ran it; the acceptance pools
+    both rounds' counters."""
+    out = tmp_path / "bench"
+    modes = ["plugin-k3", "dynamic-k3"]
+    cmd = [sys.executable, "-m", "vllm_dflash.cli", "bench", "--preset", "tiny"]
+    cmd += ["--modes", ",".join(modes), "--batch-sizes", "1", "--interleave"]
+    cmd += ["--k", "7", "--tau", "0", "--prompt-len", "8", "--output-len", "12"]
+    cmd += ["--enforce-eager", "--repeats", "2", "--rounds", "2"]
+    cmd += ["--dtype", "float32", "--out", str(out)]
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads((out / "bench.json").read_text())
+    assert data["meta"]["rounds"] == 2 and data["meta"]["complete"] is True
+    rows = {r["mode"]: r for r in data["rows"]}
+    assert sorted(rows) == sorted(modes)
+    assert rows["plugin-k3"]["pass_start_position"] == [0, 0, 1, 1]
+    assert rows["dynamic-k3"]["pass_start_position"] == [1, 1, 0, 0]
+    # Round 2's engines have logs of their own, and ran after round 1's.
+    for mode in modes:
+        assert (out / f"{mode}.log").exists() and (out / f"{mode}-round2.log").exists()
+    starts = [rows[m]["pass_start_s"] for m in modes]
+    assert max(s[1] for s in starts) < min(s[2] for s in starts)
+    for mode in modes:
+        row = rows[mode]
+        assert row["tokens"] == 4 * 12 and len(row["pass_tok_per_s"]) == 4
+        assert len(row["pass_clock"]) == 4
+        # A fresh engine draws the same prompts: round 2 generates round 1's
+        # outputs (greedy, real acceptance).
+        digests = row["pass_output_digest"]
+        assert digests[2:] == digests[:2] and digests[0] != digests[1]
+        drafts, accepted, draft_tokens = row["spec_counts"]
+        assert draft_tokens == 3 * drafts and drafts > 0
+        assert row["acceptance_length"] == pytest.approx(1 + accepted / drafts)
+        assert row["drafts_per_request_step"] == 3.0
+    pair = [BenchRow(**rows[m]) for m in modes]
+    assert paired_ratio(*pair) is not None

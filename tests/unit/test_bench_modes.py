@@ -8,7 +8,7 @@ import argparse
 import json
 import math
 import statistics
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -195,8 +195,9 @@ def test_bench_json_is_written_after_every_batch(
     groups: list[list[str]] = []
 
     def fake_run_engines(
-        specs: list[bench.BenchSpec], out: Path, on_batch: Any
+        specs: list[bench.BenchSpec], out: Path, on_batch: Any, log_suffix: str
     ) -> list[str]:
+        assert log_suffix == ""  # one round
         groups.append([spec.mode for spec in specs])
         for batch in specs[0].batch_sizes:
             if (tmp_path / "bench.json").exists():
@@ -233,6 +234,75 @@ def test_bench_json_is_written_after_every_batch(
         final["meta"]["complete"] is True and final["meta"]["interleave"] is interleave
     )
     assert len(final["rows"]) == 4
+
+
+@pytest.mark.parametrize("interleave", [False, True])
+def test_rounds_start_the_modes_one_later(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, interleave: bool
+) -> None:
+    """``--rounds 3``: three rounds of engines, the modes started one later
+    each round, each spec told its start position (0 alone), each round's
+    logs named apart; a mode's rows of one batch merge into one."""
+    calls: list[tuple[list[tuple[str, int]], str]] = []
+
+    def fake_run_engines(
+        specs: list[bench.BenchSpec], out: Path, on_batch: Any, log_suffix: str
+    ) -> list[str]:
+        calls.append(([(s.mode, s.start_position) for s in specs], log_suffix))
+        on_batch(
+            [
+                BenchRow(
+                    s.mode,
+                    1,
+                    256,
+                    1.0,
+                    256.0,
+                    None,
+                    "v1",
+                    s.k,
+                    256,
+                    pass_tok_per_s=[256.0],
+                    spec_counts=[1.0, 2.0, 3.0],
+                )
+                for s in specs
+            ]
+        )
+        return []
+
+    monkeypatch.setattr(bench, "run_engines", fake_run_engines)
+    monkeypatch.setattr(bench, "plot", lambda *a, **k: None)
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    argv = ["--preset", "tiny", "--modes", "none,plugin-k3,plugin", "--rounds", "3"]
+    argv += ["--batch-sizes", "1", "--out", str(tmp_path)]
+    argv += ["--interleave"] if interleave else []
+    assert bench.bench_command(parser.parse_args(argv)) == 0
+    if interleave:
+        assert calls == [
+            ([("none", 0), ("plugin-k3", 1), ("plugin", 2)], ""),
+            ([("plugin-k3", 0), ("plugin", 1), ("none", 2)], "-round2"),
+            ([("plugin", 0), ("none", 1), ("plugin-k3", 2)], "-round3"),
+        ]
+    else:
+        assert [modes for modes, _ in calls] == [
+            [("none", 0)], [("plugin-k3", 0)], [("plugin", 0)],
+            [("plugin-k3", 0)], [("plugin", 0)], [("none", 0)],
+            [("plugin", 0)], [("none", 0)], [("plugin-k3", 0)],
+        ]  # fmt: skip
+    final = json.loads((tmp_path / "bench.json").read_text())
+    assert final["meta"]["rounds"] == 3
+    assert [(r["mode"], r["tokens"]) for r in final["rows"]] == [
+        ("none", 768), ("plugin-k3", 768), ("plugin", 768)
+    ]  # fmt: skip
+    assert all(r["acceptance_length"] == 3.0 for r in final["rows"])
+
+
+def test_rounds_below_one_is_refused(tmp_path: Path) -> None:
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    args = parser.parse_args(["--rounds", "0", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="--rounds"):
+        bench.bench_command(args)
 
 
 def test_repeats_below_one_is_refused(tmp_path: Path) -> None:
@@ -543,3 +613,50 @@ def test_output_digest_tells_requests_apart() -> None:
     assert digest == bench.output_digest([[1, 2], [3]]) and len(digest) == 16
     assert digest != bench.output_digest([[1], [2, 3]])
     assert digest != bench.output_digest([[3], [1, 2]])
+
+
+def test_merge_rows_pools_two_rounds() -> None:
+    """``--rounds``: a mode's row of a batch from two engines, one per round:
+    passes in order, the median of all four, the acceptance from the summed
+    counters (not the mean of the two rounds' taus), step counts summed."""
+
+    def row(rates: list[float], counts: list[float], steps: dict[str, int]) -> BenchRow:
+        return BenchRow(
+            mode="adaptive",
+            batch=8,
+            tokens=100 * len(rates),
+            seconds=sum(100 / r for r in rates),
+            tok_per_s=statistics.median(rates),
+            acceptance_length=1 + counts[1] / counts[0],
+            k=15,
+            adaptive={"steps_per_k": steps, "trace": [[0, 8, 7, 3]], "steps": 3},
+            warmup_tok_per_s=50.0,
+            pass_tok_per_s=rates,
+            pass_start_s=[1.0, 2.0] if rates[0] < 15 else [5.0, 6.0],
+            pass_output_digest=["a", "b"],
+            pass_start_position=[0, 0] if rates[0] < 15 else [1, 1],
+            spec_counts=counts,
+        )
+
+    first = row([10.0, 12.0], [10.0, 30.0, 70.0], {"7": 3})
+    second = row([20.0, 30.0], [30.0, 30.0, 210.0], {"7": 2, "15": 1})
+    merged = bench.merge_rows(first, second)
+    assert merged.pass_tok_per_s == [10.0, 12.0, 20.0, 30.0]
+    assert merged.tok_per_s == 16.0
+    assert merged.tokens == 400 and merged.seconds == first.seconds + second.seconds
+    # 60 accepted over 40 drafts: 2.5, where the rounds' taus average 2.0.
+    assert merged.acceptance_length == 2.5
+    assert merged.drafts_per_request_step == 7.0
+    assert merged.spec_counts == [40.0, 60.0, 280.0]
+    assert merged.pass_start_position == [0, 0, 1, 1]
+    assert merged.pass_output_digest == ["a", "b", "a", "b"]
+    assert merged.warmup_tok_per_s == 50.0
+    assert merged.adaptive is not None
+    assert merged.adaptive["steps_per_k"] == {"7": 5, "15": 1}
+    assert merged.adaptive["trace"] == [[0, 8, 7, 3]] * 2
+    # The pairs of the rounds stay pairs.
+    other = bench.merge_rows(
+        replace(first, mode="plugin", pass_start_position=[1, 1]),
+        replace(second, mode="plugin", pass_start_position=[0, 0]),
+    )
+    assert bench.paired_ratio(merged, other) == pytest.approx(1.0)
