@@ -472,6 +472,16 @@ def merge_rows(a: BenchRow, b: BenchRow) -> BenchRow:
     )
 
 
+def _add_row(rows: list[BenchRow], row: BenchRow) -> None:
+    """Append ``row``, or merge it into the row of its mode and batch (a
+    later round's, ``merge_rows``)."""
+    for i, r in enumerate(rows):
+        if (r.mode, r.batch) == (row.mode, row.batch):
+            rows[i] = merge_rows(r, row)
+            return
+    rows.append(row)
+
+
 def _merge_policy(
     a: dict[str, Any] | None, b: dict[str, Any] | None
 ) -> dict[str, Any] | None:
@@ -1210,6 +1220,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "every mode alike; every engine must fit beside the others",
     )
     p.add_argument(
+        "--merge",
+        nargs="+",
+        metavar="RUN",
+        help="run nothing: merge finished runs (their folders or bench.json) of "
+        "the same modes and settings into one bench.json in --out, each mode's "
+        "passes pooled as --rounds pools rounds (e.g. the two orders of --modes, "
+        "each in a command of its own)",
+    )
+    p.add_argument(
         "--rounds",
         type=int,
         default=1,
@@ -1303,7 +1322,80 @@ def write_json(
     )
 
 
+# What runs merged by ``--merge`` must share (``meta`` keys).
+MERGE_KEYS = (
+    "preset",
+    "k",
+    "tau",
+    "acceptance",
+    "acceptance_rates",
+    "modes",
+    "capture_sizes",
+    "prompt_len",
+    "output_len",
+    "long_output_len",
+    "dtype",
+    "attention_backend",
+    "draft_attention_backend",
+    "enforce_eager",
+    "interleave",
+)
+
+
+def merge_runs(paths: list[Path], out: Path) -> int:
+    """``--merge``: one ``bench.json`` (and plot) from runs of the same modes
+    and settings taken apart, every mode's rows pooled in the runs' order as
+    ``--rounds`` pools rounds. For the rounds of a run too long for one
+    command: the H200 lent here allows 10 minutes a command, and five
+    Qwen3-8B engines at four batches took about 8 of them with vLLM's
+    install, so each order of
+    the engines (``--modes A,B,C`` then ``--modes C,B,A``) is a run of its
+    own."""
+    runs = []
+    for path in paths:
+        path = path / "bench.json" if path.is_dir() else path
+        try:
+            runs.append((path, json.loads(path.read_text())))
+        except (OSError, ValueError) as e:
+            raise SystemExit(
+                f"invalid --merge={path}: not a bench.json ({e}). Pass the "
+                "folders (or bench.json files) of finished `vllm-dflash bench` runs."
+            ) from e
+    first_path, first = runs[0]
+    for path, run in runs[1:]:
+        for key in MERGE_KEYS:
+            if run["meta"].get(key) != first["meta"].get(key):
+                raise SystemExit(
+                    f"invalid --merge={path}: its {key} is "
+                    f"{run['meta'].get(key)!r}, {first_path}'s "
+                    f"{first['meta'].get(key)!r}. Merge runs of the same modes "
+                    "and settings only (the order of --modes may differ)."
+                )
+    rows: list[BenchRow] = []
+    long_rows: list[BenchRow] = []
+    for _, run in runs:
+        for row in run["rows"]:
+            _add_row(rows, BenchRow(**row))
+        for row in run.get("long_rows", []):
+            _add_row(long_rows, BenchRow(**row))
+    meta = {
+        **first["meta"],
+        "rounds": sum(run["meta"].get("rounds", 1) for _, run in runs),
+        "merged_from": [str(path) for path, _ in runs],
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    done = all(run["meta"].get("complete", False) for _, run in runs)
+    write_json(out, meta, rows, long_rows, done=done)
+    print_table(rows, meta["k"])
+    if rows:
+        plot(rows, out / "bench.png", f"DFlash K={meta['k']}, {len(runs)} runs merged")
+    print(f"[bench] wrote {out / 'bench.json'}")
+    return 0
+
+
 def bench_command(args: argparse.Namespace) -> int:
+    if args.merge:
+        return merge_runs([Path(p) for p in args.merge], Path(args.out))
     try:
         modes = parse_modes(args.modes, args.k)
         profile_name, profile = parse_acceptance(args.acceptance)
@@ -1376,22 +1468,9 @@ def bench_command(args: argparse.Namespace) -> int:
     long_rows: list[BenchRow] = []
 
     def add(new_rows: list[BenchRow], done: bool) -> None:
-        # After every batch, so a run cut short by a time limit keeps its rows;
-        # a later round's row joins the earlier rounds' of its mode and batch.
+        # After every batch, so a run cut short by a time limit keeps its rows.
         for row in new_rows:
-            into = long_rows if row.output_len != args.output_len else rows
-            i = next(
-                (
-                    i
-                    for i, r in enumerate(into)
-                    if (r.mode, r.batch) == (row.mode, row.batch)
-                ),
-                None,
-            )
-            if i is None:
-                into.append(row)
-            else:
-                into[i] = merge_rows(into[i], row)
+            _add_row(long_rows if row.output_len != args.output_len else rows, row)
         meta = _meta(args, modes, sizes, tau, profile_name, profile, rows)
         write_json(out, meta, rows, long_rows, done=done)
 

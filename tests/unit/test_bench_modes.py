@@ -662,6 +662,78 @@ def test_merge_rows_pools_two_rounds() -> None:
     assert bench.paired_ratio(merged, other) == pytest.approx(1.0)
 
 
+def test_merge_pools_runs_of_the_two_orders(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``--merge``: two runs of the same modes, the engines started in the
+    other order in the second (each a command of its own), become one
+    bench.json whose rows hold both runs' passes, as ``--rounds 2`` would;
+    a run of other settings is refused, naming the setting."""
+
+    def run(folder: str, order: list[str], start: float) -> Path:
+        rows = [
+            BenchRow(
+                mode,
+                8,
+                200,
+                2.0,
+                100.0 + 10 * i,
+                2.0,
+                k=15,
+                output_len=100,
+                pass_tok_per_s=[100.0 + 10 * i, 100.0 + 10 * i],
+                pass_start_s=[start, start + 10],
+                pass_start_position=[i, i],
+                spec_counts=[10.0, 10.0 * (i + 1), 70.0],
+            )
+            for i, mode in enumerate(order)
+        ]
+        meta = {"k": 15, "modes": {m: {} for m in order}, "output_len": 100}
+        out = tmp_path / folder
+        out.mkdir()
+        bench.write_json(out, {**meta, "rounds": 1}, rows, [], done=True)
+        return out
+
+    first = run("a", ["plugin", "adaptive"], 0.0)
+    second = run("b", ["adaptive", "plugin"], 100.0)
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    argv = ["--merge", str(first), str(second / "bench.json")]
+    argv += ["--out", str(tmp_path / "merged")]
+    monkeypatch.setattr(bench, "plot", lambda *a, **k: None)
+    assert bench.bench_command(parser.parse_args(argv)) == 0
+    merged = json.loads((tmp_path / "merged/bench.json").read_text())
+    assert merged["meta"]["rounds"] == 2 and merged["meta"]["complete"] is True
+    assert merged["meta"]["merged_from"] == [
+        str(first / "bench.json"),
+        str(second / "bench.json"),
+    ]
+    rows = {r["mode"]: BenchRow(**r) for r in merged["rows"]}
+    assert rows["plugin"].pass_start_position == [0, 0, 1, 1]
+    assert rows["adaptive"].pass_start_position == [1, 1, 0, 0]
+    assert rows["plugin"].pass_tok_per_s == [100.0, 100.0, 110.0, 110.0]
+    # Started second, each engine read 1.1x: balanced, the two are equal.
+    assert bench.paired_ratio(rows["adaptive"], rows["plugin"]) == pytest.approx(1.0)
+    assert rows["adaptive"].acceptance_length == 2.5  # 1 + (20 + 10) / 20
+    summary = merged["summary"][0]
+    assert summary["adaptive_vs_best_fixed_paired"] == pytest.approx(1.0)
+    assert "paired" in capsys.readouterr().out
+    # Other settings: refused with the setting, both values and the fix.
+    other = tmp_path / "c"
+    other.mkdir()
+    data = json.loads((second / "bench.json").read_text())
+    data["meta"]["output_len"] = 256
+    (other / "bench.json").write_text(json.dumps(data))
+    argv = ["--merge", str(first), str(other), "--out", str(tmp_path / "x")]
+    with pytest.raises(SystemExit, match=r"output_len is 256, .* 100\. Merge runs"):
+        bench.bench_command(parser.parse_args(argv))
+    argv = ["--merge", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")]
+    with pytest.raises(SystemExit, match=r"not a bench\.json"):
+        bench.bench_command(parser.parse_args(argv))
+
+
 def _batch_64(name: str) -> tuple[list[str], dict[str, BenchRow]]:
     """A Gemma run's modes in the order their engines started (the bench
     starts them in ``--modes`` order, which ``meta.modes`` keeps) and its
