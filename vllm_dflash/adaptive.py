@@ -117,6 +117,12 @@ MAX_STEP_GAP_S = 2.0
 STALL_FACTOR = 3.0
 STALL_WINDOW = 32
 STALLS_KEPT = 64
+# Measurements (a key's relative cost set or bracketed) kept for
+# ``snapshot()["measurements"]``: the samples behind a choice are gone once
+# the key is re-measured, and on the H200 (Qwen3-8B, batch 8) the first
+# comparison of K 7 and K 15 went to K 7 for a reason the snapshot no
+# longer showed (docs/adaptive.md, Measured, seventh session).
+MEASUREMENTS_KEPT = 128
 
 
 @dataclass
@@ -345,8 +351,18 @@ class StepCost:
     # The capped estimates, rebuilt after a new sample (the scheduler asks
     # for them several times per step; samples arrive at most once per step).
     _table: dict[Key, float] | None = field(default=None, repr=False, compare=False)
+    # Each relative cost set, in order: [step, bucket, K, its samples' median
+    # ms, the level's median ms it was divided by, relative cost, 1 if the
+    # level spans the steps after it too (else 0: before only)].
+    measurements: deque[list[float]] = field(
+        default_factory=lambda: deque(maxlen=MEASUREMENTS_KEPT)
+    )
+    _now: int = field(default=0, repr=False)
 
-    def observe(self, batch: int, k: int, seconds: float) -> None:
+    def observe(self, batch: int, k: int, seconds: float, step: int = 0) -> None:
+        """A sample of a step at ``batch`` with ``k`` drafts; ``step`` (the
+        policy's decision count) only labels ``measurements``."""
+        self._now = step
         key = (batch_bucket(batch), k)
         self.seen[key] += 1
         if self.seen[key] == 1:
@@ -371,8 +387,23 @@ class StepCost:
             return
         own = statistics.median(samples)
         before = list(level)[-self.min_samples :]
-        self.relative[key] = self._pooled(key, own / statistics.median(before))
+        self._set_relative(key, own, statistics.median(before), bracketed=False)
         self._bracket[key] = (own, before, [])
+
+    def _set_relative(
+        self, key: Key, own: float, level: float, *, bracketed: bool
+    ) -> None:
+        relative = self.relative[key] = self._pooled(key, own / level)
+        self.measurements.append(
+            [
+                self._now,
+                *key,
+                round(1e3 * own, 3),
+                round(1e3 * level, 3),
+                round(relative, 4),
+                int(bracketed),
+            ]
+        )
 
     def _pooled(self, key: Key, relative: float) -> float:
         """A key's new relative cost; where the key is being confirmed, the
@@ -393,8 +424,8 @@ class StepCost:
                 continue
             after.append(level_s)
             if len(after) >= self.min_samples:
-                bracketed = own / statistics.median(before + after)
-                self.relative[other] = self._pooled(other, bracketed)
+                level = statistics.median(before + after)
+                self._set_relative(other, own, level, bracketed=True)
                 del self._bracket[other]
                 self._earlier.pop(other, None)
 
@@ -814,7 +845,7 @@ class AdaptiveDraftLength:
             return
         if any(n != 1 + k for n in num_scheduled_tokens.values()):
             return  # a prefill or a request clipped at max_model_len
-        self.cost.observe(len(num_scheduled_tokens), k, seconds)
+        self.cost.observe(len(num_scheduled_tokens), k, seconds, self.steps)
 
     def steps_per_k(self) -> dict[int, int]:
         """How many steps each K was chosen for, over all batch sizes."""
@@ -829,7 +860,8 @@ class AdaptiveDraftLength:
         sizes, and per batch bucket), the median step time per (batch bucket,
         K) in ms with its sample count and the samples, the conditional
         acceptance per position, the last TRACE_RUNS runs of equal
-        decisions in order, and the step clock's (``StepClock.snapshot``)."""
+        decisions in order, the last MEASUREMENTS_KEPT measurements, and the
+        step clock's (``StepClock.snapshot``)."""
         return {
             "steps": self.steps,
             "steps_per_k": {str(k): n for k, n in self.steps_per_k().items()},
@@ -865,6 +897,9 @@ class AdaptiveDraftLength:
             # [first step, batch bucket, K, steps]: e.g. [120, 32, 3, 40] is
             # steps 120..159, batch bucket 32, K 3.
             "trace": [list(run) for run in self.trace],
+            # [step, batch bucket, K, samples' ms, level ms, relative cost,
+            # bracketed] of the last MEASUREMENTS_KEPT measurements.
+            "measurements": [list(m) for m in self.cost.measurements],
             # Intervals counted, their seconds, and the stalls among them.
             "clock": self.clock.snapshot(),
         }

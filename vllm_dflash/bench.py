@@ -542,8 +542,8 @@ def _policy_delta(
     before: dict[str, Any] | None, after: dict[str, Any] | None
 ) -> dict[str, Any] | None:
     """The policy's snapshot after a timed run, its step counts (per K, per
-    batch bucket and K) and its decision trace over that run only (its step
-    clock is in the row's ``pass_clock``)."""
+    batch bucket and K), its decision trace and its measurements over that
+    run only (its step clock is in the row's ``pass_clock``)."""
     if after is None:
         return None
     delta = dict(after)
@@ -558,6 +558,7 @@ def _policy_delta(
         for first, bucket, k, n in after.get("trace", [])
         if first + n > start
     ]
+    delta["measurements"] = [m for m in after.get("measurements", []) if m[0] >= start]
     return delta
 
 

@@ -666,6 +666,37 @@ def test_the_first_output_after_the_scheduler_idled_is_no_step() -> None:
     assert policy.snapshot()["step_samples_ms"] == {"b1/K3": [10.0]}
 
 
+def test_the_snapshot_keeps_every_measurement_with_its_level() -> None:
+    """The samples behind a choice are gone once the key is re-measured (on
+    the H200, Qwen3-8B batch 8, K 7 won its first comparison with K 15 and
+    nothing showed why). Each relative cost set is kept, in order, with the
+    step, its samples' median, the level it was divided by and whether the
+    level spans the steps after it: replayed, the entries give the
+    snapshot's relative costs."""
+    policy = AdaptiveDraftLength(15)
+    runs_of_decode_steps(
+        policy, lambda i, k: GEMMA_B1[k] * (1.1 if i % 7 else 1.0), 200, measured={}
+    )
+    snap = policy.snapshot()
+    entries = snap["measurements"]
+    assert entries, snap
+    steps = [m[0] for m in entries]
+    assert steps == sorted(steps) and all(0 < s <= 200 for s in steps)
+    latest: dict[str, float] = {}
+    for _, bucket, k, own_ms, level_ms, relative, bracketed in entries:
+        assert bucket == 1 and k in policy.ks and bracketed in (0, 1)
+        assert own_ms > 0 and level_ms > 0
+        latest[f"b{bucket}/K{k}"] = relative
+    # Each key's last entry is its relative cost now (none was confirmed, so
+    # none pooled two measurements).
+    assert latest == {
+        key: r for key, r in snap["step_relative"].items() if key in latest
+    }
+    # A measurement first divides by the level before it, then by the level
+    # around it once the steps after it are in.
+    assert any(m[6] == 0 for m in entries) and any(m[6] == 1 for m in entries)
+
+
 def test_policy_delta_counts_only_the_timed_run() -> None:
     from vllm_dflash.bench import _policy_delta
 
@@ -681,6 +712,7 @@ def test_policy_delta_counts_only_the_timed_run() -> None:
         "step_ms": {},
         "trace": [[0, 8, 0, 3], [3, 8, 3, 6], [9, 16, 3, 3], [12, 16, 7, 2]],
         "clock": {"steps": 13, "busy_s": 0.2, "stalls": [[11, 16, 3, 80.0]]},
+        "measurements": [[4, 8, 3, 9.0, 8.0, 1.125, 1], [10, 16, 7, 9.5, 8.1, 1.17, 0]],
     }
     delta = _policy_delta(before, after)
     assert delta is not None
@@ -689,6 +721,7 @@ def test_policy_delta_counts_only_the_timed_run() -> None:
     # The run that straddles the start is cut to its timed step.
     assert delta["trace"] == [[8, 8, 3, 1], [9, 16, 3, 3], [12, 16, 7, 2]]
     assert "clock" not in delta  # per pass in the row (pass_clock)
+    assert delta["measurements"] == [[10, 16, 7, 9.5, 8.1, 1.17, 0]]
     assert _policy_delta(None, after)["steps_per_k"] == after["steps_per_k"]
     assert _policy_delta(None, None) is None
 
