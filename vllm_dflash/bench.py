@@ -443,11 +443,11 @@ def _acceptance(counts: list[float]) -> tuple[float | None, float | None]:
 
 
 def merge_rows(a: BenchRow, b: BenchRow) -> BenchRow:
-    """One mode's row of a batch over two rounds (``--rounds``): their passes
-    in order, tokens and seconds summed, the median pass's rate, the
-    acceptance from the summed counters, the first round's warm-up, and the
-    adaptive policy's step counts summed and traces joined (its estimates
-    are the last round's)."""
+    """One mode's row of a batch over two rounds (``--rounds``, ``--merge``):
+    their passes in order, tokens and seconds summed, the median pass's
+    rate, the acceptance from the summed counters, the first round's
+    warm-up, and the adaptive policy's step counts summed and its traces
+    and measurements joined (its estimates are the last round's)."""
     rates = a.pass_tok_per_s + b.pass_tok_per_s
     counts = (
         [x + y for x, y in zip(a.spec_counts, b.spec_counts, strict=True)]
@@ -493,7 +493,8 @@ def _merge_policy(
         for key, n in b.get(name, {}).items():
             steps[key] = steps.get(key, 0) + n
         merged[name] = steps
-    merged["trace"] = a.get("trace", []) + b.get("trace", [])
+    for name in ("trace", "measurements"):
+        merged[name] = a.get(name, []) + b.get(name, [])
     return merged
 
 

@@ -629,7 +629,12 @@ def test_merge_rows_pools_two_rounds() -> None:
             tok_per_s=statistics.median(rates),
             acceptance_length=1 + counts[1] / counts[0],
             k=15,
-            adaptive={"steps_per_k": steps, "trace": [[0, 8, 7, 3]], "steps": 3},
+            adaptive={
+                "steps_per_k": steps,
+                "trace": [[0, 8, 7, 3]],
+                "measurements": [[2, 8, 7, 6.6, 6.5, 1.0154, 1]],
+                "steps": 3,
+            },
             warmup_tok_per_s=50.0,
             pass_tok_per_s=rates,
             pass_start_s=[1.0, 2.0] if rates[0] < 15 else [5.0, 6.0],
@@ -654,6 +659,7 @@ def test_merge_rows_pools_two_rounds() -> None:
     assert merged.adaptive is not None
     assert merged.adaptive["steps_per_k"] == {"7": 5, "15": 1}
     assert merged.adaptive["trace"] == [[0, 8, 7, 3]] * 2
+    assert merged.adaptive["measurements"] == [[2, 8, 7, 6.6, 6.5, 1.0154, 1]] * 2
     # The pairs of the rounds stay pairs.
     other = bench.merge_rows(
         replace(first, mode="plugin", pass_start_position=[1, 1]),
