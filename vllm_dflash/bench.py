@@ -1350,19 +1350,21 @@ def merge_runs(paths: list[Path], out: Path) -> int:
     ``--rounds`` pools rounds. For the rounds of a run too long for one
     command: the H200 lent here allows 10 minutes a command, and five
     Qwen3-8B engines at four batches took about 8 of them with vLLM's
-    install, so each order of
-    the engines (``--modes A,B,C`` then ``--modes C,B,A``) is a run of its
-    own."""
+    install, so each order of the engines (``--modes A,B,C`` then
+    ``--modes C,B,A``) is a run of its own."""
     runs = []
     for path in paths:
         path = path / "bench.json" if path.is_dir() else path
         try:
-            runs.append((path, json.loads(path.read_text())))
+            data = json.loads(path.read_text())
+            if not isinstance(data, dict) or not {"meta", "rows"} <= data.keys():
+                raise ValueError("no meta and rows")
         except (OSError, ValueError) as e:
             raise SystemExit(
                 f"invalid --merge={path}: not a bench.json ({e}). Pass the "
                 "folders (or bench.json files) of finished `vllm-dflash bench` runs."
             ) from e
+        runs.append((path, data))
     first_path, first = runs[0]
     for path, run in runs[1:]:
         for key in MERGE_KEYS:
@@ -1503,7 +1505,9 @@ def bench_command(args: argparse.Namespace) -> int:
         )
     print(f"[bench] wrote {out / 'bench.json'}")
     if failed:
-        print(f"[bench] failed modes: {', '.join(failed)} (logs in {out})")
+        print(
+            f"[bench] failed modes: {', '.join(dict.fromkeys(failed))} (logs in {out})"
+        )
     return 1 if failed else 0
 
 

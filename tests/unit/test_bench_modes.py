@@ -735,9 +735,11 @@ def test_merge_pools_runs_of_the_two_orders(
     argv = ["--merge", str(first), str(other), "--out", str(tmp_path / "x")]
     with pytest.raises(SystemExit, match=r"output_len is 256, .* 100\. Merge runs"):
         bench.bench_command(parser.parse_args(argv))
-    argv = ["--merge", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")]
-    with pytest.raises(SystemExit, match=r"not a bench\.json"):
-        bench.bench_command(parser.parse_args(argv))
+    (tmp_path / "list.json").write_text("[]")
+    for bad in ("nowhere", "list.json"):
+        argv = ["--merge", str(tmp_path / bad), "--out", str(tmp_path / "x")]
+        with pytest.raises(SystemExit, match=r"not a bench\.json"):
+            bench.bench_command(parser.parse_args(argv))
 
 
 def _batch_64(name: str) -> tuple[list[str], dict[str, BenchRow]]:
