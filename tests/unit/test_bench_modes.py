@@ -184,6 +184,17 @@ def test_summary_and_table_name_every_mode(capsys: pytest.CaptureFixture[str]) -
     assert "adaptive/best" in table and "1.20x" in table
 
 
+def _bench_with(
+    monkeypatch: pytest.MonkeyPatch, fake_run_engines: Any, argv: list[str]
+) -> int:
+    """``vllm-dflash bench ARGV`` with ``run_engines`` faked and no plot."""
+    monkeypatch.setattr(bench, "run_engines", fake_run_engines)
+    monkeypatch.setattr(bench, "plot", lambda *a, **k: None)
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    return bench.bench_command(parser.parse_args(argv))
+
+
 @pytest.mark.parametrize("interleave", [False, True])
 def test_bench_json_is_written_after_every_batch(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, interleave: bool
@@ -210,13 +221,9 @@ def test_bench_json_is_written_after_every_batch(
             )
         return []
 
-    monkeypatch.setattr(bench, "run_engines", fake_run_engines)
-    monkeypatch.setattr(bench, "plot", lambda *a, **k: None)
-    parser = argparse.ArgumentParser()
-    bench.add_arguments(parser)
     argv = ["--preset", "tiny", "--modes", "none,plugin", "--batch-sizes", "1,2"]
     argv += ["--out", str(tmp_path)] + (["--interleave"] if interleave else [])
-    assert bench.bench_command(parser.parse_args(argv)) == 0
+    assert _bench_with(monkeypatch, fake_run_engines, argv) == 0
     assert groups == ([["none", "plugin"]] if interleave else [["none"], ["plugin"]])
     # Before each batch after the first: what the finished batches wrote.
     assert all(partial["meta"]["complete"] is False for partial in seen)
@@ -269,14 +276,10 @@ def test_rounds_start_the_modes_one_later(
         )
         return []
 
-    monkeypatch.setattr(bench, "run_engines", fake_run_engines)
-    monkeypatch.setattr(bench, "plot", lambda *a, **k: None)
-    parser = argparse.ArgumentParser()
-    bench.add_arguments(parser)
     argv = ["--preset", "tiny", "--modes", "none,plugin-k3,plugin", "--rounds", "3"]
     argv += ["--batch-sizes", "1", "--out", str(tmp_path)]
     argv += ["--interleave"] if interleave else []
-    assert bench.bench_command(parser.parse_args(argv)) == 0
+    assert _bench_with(monkeypatch, fake_run_engines, argv) == 0
     if interleave:
         assert calls == [
             ([("none", 0), ("plugin-k3", 1), ("plugin", 2)], ""),
