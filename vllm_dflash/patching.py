@@ -547,7 +547,12 @@ def patch_scheduler_adaptive(module: ModuleType) -> None:
     def update_from_output(
         self: Any, scheduler_output: Any, *args: Any, **kwargs: Any
     ) -> Any:
-        policy, clock = _policy_of(self), _clock_of(self)
+        policy = _policy_of(self)
+        clock = (
+            policy.clock
+            if policy is not None
+            else getattr(self, "_vllm_dflash_clock", None)
+        )
         scheduled = scheduler_output.num_scheduled_tokens
         drafts = scheduler_output.scheduled_spec_decode_tokens
         if policy is not None:
@@ -596,13 +601,6 @@ def patch_scheduler_adaptive(module: ModuleType) -> None:
 def _policy_of(scheduler: Any) -> adaptive.AdaptiveDraftLength | None:
     lookup = getattr(scheduler, "dynamic_sd_lookup", None)
     return lookup if isinstance(lookup, adaptive.AdaptiveDraftLength) else None
-
-
-def _clock_of(scheduler: Any) -> adaptive.StepClock | None:
-    policy = _policy_of(scheduler)
-    if policy is not None:
-        return policy.clock
-    return getattr(scheduler, "_vllm_dflash_clock", None)
 
 
 # --- vLLM 0.20: non-causal attention only for the drafter -------------------
