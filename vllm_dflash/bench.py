@@ -1011,7 +1011,11 @@ def paired_error(a: BenchRow, b: BenchRow) -> float | None:
 
 
 def _paired_logs(a: BenchRow, b: BenchRow) -> list[float] | None:
-    """log(a's pass / b's same pass) per pass, or None (``paired_ratio``)."""
+    """log(a's pass / b's same pass) per pass, or None (``paired_ratio``).
+
+    The pairs are checked in the order they started, not in list order: the
+    rows of ``--merge`` hold the runs in the order they were named, and a run
+    taken first may be named last."""
     n = len(a.pass_tok_per_s)
     if (
         n == 0
@@ -1020,7 +1024,7 @@ def _paired_logs(a: BenchRow, b: BenchRow) -> list[float] | None:
         or len(b.pass_start_s) != n
     ):
         return None
-    rounds = list(zip(a.pass_start_s, b.pass_start_s, strict=True))
+    rounds = sorted(zip(a.pass_start_s, b.pass_start_s, strict=True), key=min)
     if any(max(now) >= min(later) for now, later in pairwise(rounds)):
         return None
     return [

@@ -729,6 +729,13 @@ def test_merge_pools_runs_of_the_two_orders(
     summary = merged["summary"][0]
     assert summary["adaptive_vs_best_fixed_paired"] == pytest.approx(1.0)
     assert "paired" in capsys.readouterr().out
+    # Named in the other order (the later run first), the pairs are the same.
+    argv = ["--merge", str(second), str(first), "--out", str(tmp_path / "later")]
+    assert bench.bench_command(parser.parse_args(argv)) == 0
+    later = json.loads((tmp_path / "later/bench.json").read_text())
+    rows = {r["mode"]: BenchRow(**r) for r in later["rows"]}
+    assert rows["plugin"].pass_tok_per_s == [110.0, 110.0, 100.0, 100.0]
+    assert later["summary"][0]["adaptive_vs_best_fixed_paired"] == pytest.approx(1.0)
     # Other settings: refused with the setting, both values and the fix.
     other = tmp_path / "c"
     other.mkdir()
