@@ -65,6 +65,16 @@ QWEN3_8B_H200_STEP_MS = {
     1: {0: 5.08, 1: 6.14, 3: 6.28, 7: 6.36, 15: 6.18},
 }
 
+# Gemma-4-26B-A4B's decode step (ms, drafter included) per batch and K on the
+# H200, rounded: K 15 and K 7 at batch 8 from the ninth session's fixed
+# engines and re-measurements (a K 15 step about 1.13x a K 7 one), the rest
+# interpolated. With DECAY's acceptance, K 15 leads K 7 by 2.8% at batch 8.
+# There the policy ran K 7 in a third of the steps (docs/adaptive.md).
+GEMMA4_H200_STEP_MS = {
+    8: {0: 5.5, 1: 6.2, 3: 6.5, 7: 7.0, 15: 7.9},
+    1: {0: 4.9, 1: 5.3, 3: 5.4, 7: 5.4, 15: 5.8},
+}
+
 
 @dataclass(frozen=True)
 class Scenario:
@@ -110,10 +120,30 @@ SCENARIOS = {
         DECAY,
         lambda b, k: QWEN3_8B_H200_STEP_MS[b][k],
     ),
+    "h200-gemma-b8": Scenario(
+        ((8, 1200),), DECAY, lambda b, k: GEMMA4_H200_STEP_MS[b][k]
+    ),
+    "h200-gemma-b1": Scenario(
+        ((1, 1200),), DECAY, lambda b, k: GEMMA4_H200_STEP_MS[b][k]
+    ),
 }
 # (noise, phase): uniform noise of +-noise per step; "1.8x64": every other
-# stretch of 64 steps 1.8x slower (a drift that slows every K alike).
-REGIMES = ((0.0, "none"), (0.1, "none"), (0.2, "none"), (0.3, "1.8x64"))
+# stretch of 64 steps 1.8x slower (a drift that slows every K alike);
+# "stretch": short slow stretches (``_Stretches``), as the H200 showed at
+# Gemma 4 batch 8 (step time up 25-35% for 10-20 steps at a time).
+REGIMES = (
+    (0.0, "none"),
+    (0.1, "none"),
+    (0.2, "none"),
+    (0.3, "1.8x64"),
+    (0.1, "stretch"),
+)
+# "stretch": a step outside a slow stretch starts one with this probability;
+# it lasts a uniform STRETCH_STEPS steps and slows every step of it by a
+# uniform STRETCH_SLOW factor drawn once per stretch.
+STRETCH_P = 1 / 40
+STRETCH_STEPS = (8, 20)
+STRETCH_SLOW = (1.25, 1.35)
 
 
 def _survival(conditional: list[float]) -> list[float]:
@@ -131,6 +161,27 @@ def _accepted(u: float, survival: list[float], k: int) -> int:
     return n
 
 
+class _Stretches:
+    """The "stretch" phase's slow-down per step: from its own RNG and drawn
+    whatever the step's K, so every engine of a seed meets the same slow
+    stretches at the same step index (an error of a measurement taken in one
+    lasts as long as the stretch: 8-20 steps, not one)."""
+
+    def __init__(self, seed: int) -> None:
+        self.rng = random.Random(seed + 200)
+        self.left, self.slow = 0, 1.0
+
+    def next(self) -> float:
+        u = self.rng.random()
+        if self.left == 0 and u < STRETCH_P:
+            self.left = self.rng.randint(*STRETCH_STEPS)
+            self.slow = self.rng.uniform(*STRETCH_SLOW)
+        if self.left == 0:
+            return 1.0
+        self.left -= 1
+        return self.slow
+
+
 def run(
     policy: Any, scenario: Scenario, seed: int, noise: float, phase: str
 ) -> dict[int, float]:
@@ -139,12 +190,14 @@ def run(
     fixed = isinstance(policy, int)
     rng, noise_rng = random.Random(seed), random.Random(seed + 100)
     survival = _survival(scenario.conditional)
+    stretches = _Stretches(seed)
     clock, k, step, rates = 0.0, 0, 0, {}
     for batch, steps in scenario.stages:
         tokens, start = 0, clock
         for _ in range(steps):
             k_next = policy if fixed else policy[batch]
             slow = 1.8 if phase == "1.8x64" and step // 64 % 2 else 1.0
+            slow *= stretches.next() if phase == "stretch" else 1.0
             jitter = 1.0 + noise_rng.uniform(-noise, noise)
             ms = scenario.verify_ms(batch, k) + (scenario.draft_ms if k_next else 0.0)
             clock += ms / 1e3 * slow * jitter

@@ -920,3 +920,29 @@ def test_the_simulation_script_runs_every_regime(
     for r in rows:
         assert r["best_fixed_k"] == 15 and r["batch"] == 1, r
         assert 0.95 <= r["mean"] == r["worst"] <= 1.05, r
+
+
+def test_the_simulated_slow_stretches_are_the_same_for_every_engine(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The "stretch" regime: one seed gives every engine the same stretches,
+    each 8-20 steps long at one factor in 1.25-1.35 (what the H200 showed at
+    Gemma 4 batch 8)."""
+    path = Path(__file__).parents[2] / "scripts/simulate_adaptive.py"
+    spec = importlib.util.spec_from_file_location("simulate_adaptive", path)
+    assert spec is not None and spec.loader is not None
+    script = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, script)
+    spec.loader.exec_module(script)
+    first, second = script._Stretches(3), script._Stretches(3)
+    factors = [first.next() for _ in range(4000)]
+    assert factors == [second.next() for _ in range(4000)]
+    runs = [
+        (factor, len(list(group)))
+        for factor, group in itertools.groupby(factors)
+        if factor != 1.0
+    ]
+    assert len(runs) > 40
+    for factor, length in runs:
+        assert 1.25 <= factor <= 1.35
+        assert 8 <= length <= 20
