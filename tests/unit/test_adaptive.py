@@ -14,6 +14,7 @@ import sys
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -904,17 +905,23 @@ def test_tails_of_many_passes_are_not_explored() -> None:
     assert split._measured == {4, 6}
 
 
-def test_the_simulation_script_runs_every_regime(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """``scripts/simulate_adaptive.py`` (the source of docs/adaptive.md's
-    simulated figures): one scenario, one seed, every regime."""
+def _simulation_script(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    """``scripts/simulate_adaptive.py`` as a module."""
     path = Path(__file__).parents[2] / "scripts/simulate_adaptive.py"
     spec = importlib.util.spec_from_file_location("simulate_adaptive", path)
     assert spec is not None and spec.loader is not None
     script = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, spec.name, script)  # for its dataclass
     spec.loader.exec_module(script)
+    return script
+
+
+def test_the_simulation_script_runs_every_regime(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``scripts/simulate_adaptive.py`` (the source of docs/adaptive.md's
+    simulated figures): one scenario, one seed, every regime."""
+    script = _simulation_script(monkeypatch)
     rows = script.simulate({"this": adaptive}, ["b1-high"], seeds=1)
     assert [(r["noise"], r["phase"]) for r in rows] == list(script.REGIMES)
     for r in rows:
@@ -928,12 +935,7 @@ def test_the_simulated_slow_stretches_are_the_same_for_every_engine(
     """The "stretch" regime: one seed gives every engine the same stretches,
     each 8-20 steps long at one factor in 1.25-1.35 (what the H200 showed at
     Gemma 4 batch 8)."""
-    path = Path(__file__).parents[2] / "scripts/simulate_adaptive.py"
-    spec = importlib.util.spec_from_file_location("simulate_adaptive", path)
-    assert spec is not None and spec.loader is not None
-    script = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, script)
-    spec.loader.exec_module(script)
+    script = _simulation_script(monkeypatch)
     first, second = script._Stretches(3), script._Stretches(3)
     factors = [first.next() for _ in range(4000)]
     assert factors == [second.next() for _ in range(4000)]
