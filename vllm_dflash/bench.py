@@ -445,9 +445,10 @@ def _acceptance(counts: list[float]) -> tuple[float | None, float | None]:
 def merge_rows(a: BenchRow, b: BenchRow) -> BenchRow:
     """One mode's row of a batch over two rounds (``--rounds``, ``--merge``):
     their passes in order, tokens and seconds summed, the median pass's
-    rate, the acceptance from the summed counters, the first round's
-    warm-up, and the adaptive policy's step counts summed and its traces
-    and measurements joined (its estimates are the last round's)."""
+    rate, the acceptance from the summed counters (None where a round has
+    none: rows written before ``spec_counts``), the first round's warm-up,
+    and the adaptive policy's step counts summed and its traces and
+    measurements joined (its estimates are the last round's)."""
     rates = a.pass_tok_per_s + b.pass_tok_per_s
     counts = (
         [x + y for x, y in zip(a.spec_counts, b.spec_counts, strict=True)]
