@@ -100,7 +100,7 @@ case "$1" in
     shift
     timeout 400 vllm-dflash bench --out "$WORK/profile" --profile "$@" > "$OUT/profile.log" 2>&1
     echo "profile rc=$?"
-    cp "$WORK"/profile/profile-*.txt "$WORK/profile/bench.json" "$OUT/" 2>/dev/null
+    cp "$WORK"/profile/profile-*.txt "$WORK"/profile/profile-*.trace.json.gz "$WORK/profile/bench.json" "$OUT/" 2>/dev/null
     tail -n 20 "$OUT/profile.log"
     ;;
 esac

@@ -771,7 +771,13 @@ def _num_passes(spec: BenchSpec, output_len: int) -> int:
 
 
 def _profile(llm: Any, prompts: Any, path: str) -> None:
-    """Profile one short generation; needs VLLM_ENABLE_V1_MULTIPROCESSING=0."""
+    """Profile one short generation; needs VLLM_ENABLE_V1_MULTIPROCESSING=0.
+    Writes the kernel table at ``path`` and the timeline beside it
+    (``.trace.json.gz``, for chrome://tracing or Perfetto): the table sums
+    over the run, the timeline shows where a step's time goes."""
+    import gzip
+    import shutil
+
     import torch
     from torch.profiler import ProfilerActivity, profile
     from vllm import SamplingParams
@@ -786,6 +792,11 @@ def _profile(llm: Any, prompts: Any, path: str) -> None:
         llm.generate(prompts, params, use_tqdm=False)
     sort = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
     Path(path).write_text(prof.key_averages().table(sort_by=sort, row_limit=60))
+    trace = Path(path).with_suffix(".trace.json")
+    prof.export_chrome_trace(str(trace))
+    with trace.open("rb") as raw, gzip.open(f"{trace}.gz", "wb") as packed:
+        shutil.copyfileobj(raw, packed)
+    trace.unlink()
 
 
 def _worker_env(spec: BenchSpec) -> dict[str, str]:

@@ -870,3 +870,28 @@ def test_balanced_h200_runs_read_as_documented(
     }
     for batch, ratio in documented.items():
         assert paired[batch] == pytest.approx(ratio, abs=0.005)
+
+
+def test_profile_writes_the_kernel_table_and_the_timeline(tmp_path: Path) -> None:
+    """``--profile``: the table sums the run's ops; the timeline beside it
+    (gzipped Chrome trace) keeps each op's start and duration."""
+    import gzip
+
+    import torch
+
+    class _Generates:
+        def generate(self, prompts: Any, params: Any, use_tqdm: bool) -> None:
+            assert params.max_tokens == 64 and not use_tqdm
+            torch.ones(64, 64) @ torch.ones(64, 64)
+
+    path = tmp_path / "profile-plugin.txt"
+    bench._profile(_Generates(), ["a prompt"], str(path))
+    assert "aten::mm" in path.read_text()
+    trace = json.loads(
+        gzip.decompress((tmp_path / "profile-plugin.trace.json.gz").read_bytes())
+    )
+    assert any(e.get("name") == "aten::mm" and "dur" in e for e in trace["traceEvents"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "profile-plugin.trace.json.gz",
+        "profile-plugin.txt",
+    ]
