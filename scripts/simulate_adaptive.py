@@ -15,6 +15,8 @@ policy and the fixed K alike.
     python scripts/simulate_adaptive.py                  # this checkout
     python scripts/simulate_adaptive.py --compare HEAD~3 # beside an older one
     python scripts/simulate_adaptive.py --only h200-qwen3-8b-order --seeds 16
+    python scripts/simulate_adaptive.py --only h200-gemma-b8 \
+        --replay docs/benchmarks/RUN.json   # a run taken with --step-log
 """
 
 from __future__ import annotations
@@ -144,6 +146,35 @@ REGIMES = (
 STRETCH_P = 1 / 40
 STRETCH_STEPS = (8, 20)
 STRETCH_SLOW = (1.25, 1.35)
+# "replay" (``--replay``): the slow-down of each step is a fixed-K engine's
+# recorded step time over its median, step after step, from an offset that
+# depends on the seed.
+REPLAY_OFFSET = 97
+
+
+def replay_factors(
+    bench: dict[str, Any], mode: str = "plugin"
+) -> dict[int, list[float]]:
+    """Per batch, ``mode``'s recorded steps (a ``vllm-dflash bench
+    --step-log`` run's ``pass_clock`` logs) at that batch and its K, each
+    over their median, in the order they ran: how the real engine's step
+    time moved while its work stayed the same. A pass's first two steps
+    (on the H200 its stalls gathered there, after the prefill) and steps of
+    a smaller batch (requests finished) are left out."""
+    factors = {}
+    for row in bench["rows"]:
+        if row["mode"] != mode or row.get("output_len") != bench["meta"]["output_len"]:
+            continue
+        ms = [
+            entry[3]
+            for clock in row["pass_clock"]
+            for entry in clock.get("log", [])[2:]
+            if entry[1] == row["batch"] and entry[2] == row["k"]
+        ]
+        if ms:
+            median = statistics.median(ms)
+            factors[row["batch"]] = [m / median for m in ms]
+    return factors
 
 
 def _survival(conditional: list[float]) -> list[float]:
@@ -183,10 +214,16 @@ class _Stretches:
 
 
 def run(
-    policy: Any, scenario: Scenario, seed: int, noise: float, phase: str
+    policy: Any,
+    scenario: Scenario,
+    seed: int,
+    noise: float,
+    phase: str,
+    replay: dict[int, list[float]] | None = None,
 ) -> dict[int, float]:
     """Output tokens per simulated second of each stage. ``policy``: a fixed
-    K or an ``AdaptiveDraftLength``."""
+    K or an ``AdaptiveDraftLength``; ``replay``: the "replay" phase's
+    factors per batch (``replay_factors``)."""
     fixed = isinstance(policy, int)
     rng, noise_rng = random.Random(seed), random.Random(seed + 100)
     survival = _survival(scenario.conditional)
@@ -194,10 +231,13 @@ def run(
     clock, k, step, rates = 0.0, 0, 0, {}
     for batch, steps in scenario.stages:
         tokens, start = 0, clock
-        for _ in range(steps):
+        recorded = (replay or {}).get(batch, [1.0])
+        for i in range(steps):
             k_next = policy if fixed else policy[batch]
             slow = 1.8 if phase == "1.8x64" and step // 64 % 2 else 1.0
             slow *= stretches.next() if phase == "stretch" else 1.0
+            if phase == "replay":
+                slow *= recorded[(seed * REPLAY_OFFSET + i) % len(recorded)]
             jitter = 1.0 + noise_rng.uniform(-noise, noise)
             ms = scenario.verify_ms(batch, k) + (scenario.draft_ms if k_next else 0.0)
             clock += ms / 1e3 * slow * jitter
@@ -230,23 +270,38 @@ def load_policy(ref: str | None) -> ModuleType:
 
 
 def simulate(
-    policies: dict[str, ModuleType], names: list[str], seeds: int
+    policies: dict[str, ModuleType],
+    names: list[str],
+    seeds: int,
+    replay: dict[int, list[float]] | None = None,
 ) -> list[dict[str, Any]]:
     """One row per (scenario, regime, stage batch, policy): the mean and the
-    worst over seeds of the policy's rate over the best fixed K's."""
+    worst over seeds of the policy's rate over the best fixed K's. With
+    ``replay``, the regimes are "replay" alone, for scenarios whose every
+    stage's batch it has."""
     rows = []
     for name in names:
         scenario = SCENARIOS[name]
-        for noise, phase in REGIMES:
+        regimes: tuple[tuple[float, str], ...] = REGIMES
+        if replay is not None:
+            if not all(batch in replay for batch, _ in scenario.stages):
+                continue
+            regimes = ((0.0, "replay"),)
+        for noise, phase in regimes:
             ratios: dict[tuple[str, int], list[float]] = {}
             best_k: dict[int, int] = {}
             for seed in range(seeds):
-                fixed = {k: run(k, scenario, seed, noise, phase) for k in KS}
+                fixed = {k: run(k, scenario, seed, noise, phase, replay) for k in KS}
                 for batch, _ in scenario.stages:
                     best_k[batch] = max(KS, key=lambda k: fixed[k][batch])
                 for label, module in policies.items():
                     got = run(
-                        module.AdaptiveDraftLength(15), scenario, seed, noise, phase
+                        module.AdaptiveDraftLength(15),
+                        scenario,
+                        seed,
+                        noise,
+                        phase,
+                        replay,
                     )
                     for batch, rate in got.items():
                         best = fixed[best_k[batch]][batch]
@@ -269,10 +324,22 @@ def main(argv: list[str] | None = None) -> int:
                    help="scenarios to run (default: all)")  # fmt: skip
     p.add_argument("--seeds", type=int, default=8)
     p.add_argument("--out", type=Path, help="write the rows as JSON here")
+    p.add_argument("--replay", type=Path, metavar="BENCH_JSON",
+                   help="a vllm-dflash bench --step-log run: slow every step "
+                   "as its fixed-K engine's recorded steps (the 'replay' "
+                   "regime, alone) in the scenarios whose batches it has")  # fmt: skip
+    p.add_argument("--replay-mode", default="plugin",
+                   help="the run's fixed-K mode whose steps are replayed")  # fmt: skip
     args = p.parse_args(argv)
     policies = {"this": load_policy(None)}
     policies.update({ref: load_policy(ref) for ref in args.compare})
-    rows = simulate(policies, args.only or list(SCENARIOS), args.seeds)
+    replay = None
+    if args.replay:
+        replay = replay_factors(json.loads(args.replay.read_text()), args.replay_mode)
+        if not replay:
+            p.error(f"--replay {args.replay}: no {args.replay_mode} row has a step "
+                    "log (take the run with --step-log)")  # fmt: skip
+    rows = simulate(policies, args.only or list(SCENARIOS), args.seeds, replay)
     for r in rows:
         print(
             f"{r['scenario']:20s} noise {r['noise']:.1f} {r['phase']:6s} "

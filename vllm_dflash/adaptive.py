@@ -123,6 +123,10 @@ STALLS_KEPT = 64
 # comparison of K 7 and K 15 went to K 7 for a reason the snapshot no
 # longer showed (docs/adaptive.md, Measured, seventh session).
 MEASUREMENTS_KEPT = 128
+# Steps kept by a clock asked to log them (``StepClock.keep_log``): a
+# benchmark reads the log after every pass, and its longest passes (batch 1,
+# a few thousand output tokens) take fewer steps than this.
+STEP_LOG_KEPT = 8192
 
 
 @dataclass
@@ -139,13 +143,16 @@ class StepClock:
     intervals and their seconds, and keeps the stalls: intervals over
     STALL_FACTOR times the median of the last STALL_WINDOW (any K, prefills
     and switches included) as ``[interval count, batch, K, ms]``. It costs
-    about half a microsecond a step."""
+    about half a microsecond a step. Asked to (``keep_log``), it also keeps
+    every interval in ``log``, in the same form: how a fixed-K engine's
+    step time moves from step to step, which pass means hide."""
 
     steps: int = 0
     busy_s: float = 0.0
     stalls: deque[list[float]] = field(
         default_factory=lambda: deque(maxlen=STALLS_KEPT)
     )
+    log: deque[list[float]] | None = None
     _last_s: float | None = field(default=None, repr=False)
     _intervals: deque[float] = field(
         default_factory=lambda: deque(maxlen=STALL_WINDOW), repr=False
@@ -163,25 +170,36 @@ class StepClock:
             return None
         self.steps += 1
         self.busy_s += seconds
+        entry = [self.steps, batch, k, round(1e3 * seconds, 3)]
         recent = sorted(self._intervals)
         if (
             len(recent) == STALL_WINDOW
             and seconds > STALL_FACTOR * recent[STALL_WINDOW // 2]
         ):
-            self.stalls.append([self.steps, batch, k, round(1e3 * seconds, 3)])
+            self.stalls.append(entry)
+        if self.log is not None:
+            self.log.append(entry)
         self._intervals.append(seconds)
         return seconds
+
+    def keep_log(self, steps: int = STEP_LOG_KEPT) -> None:
+        """From now on keep every interval (the last ``steps``) in ``log``."""
+        if self.log is None:
+            self.log = deque(maxlen=steps)
 
     def idle(self) -> None:
         """The scheduler has no request left: the next interval is no step."""
         self._last_s = None
 
     def snapshot(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "steps": self.steps,
             "busy_s": round(self.busy_s, 6),
             "stalls": [list(stall) for stall in self.stalls],
         }
+        if self.log is not None:
+            out["log"] = [list(entry) for entry in self.log]
+        return out
 
 
 # The step clock of the last DFlash scheduler built in this process (the

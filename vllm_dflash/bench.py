@@ -40,6 +40,7 @@ from vllm_dflash.config import DFlashConfigError
 from vllm_dflash.engine import (
     adaptive_snapshot,
     collect_spec_metrics,
+    keep_step_log,
     runner_version,
     step_clock_snapshot,
 )
@@ -383,6 +384,8 @@ class BenchSpec:
     """This engine's share of the device (``--interleave``: 1 / modes)."""
     start_position: int = 0
     """Where this engine started in its round (``--rounds``; 0: first)."""
+    step_log: bool = False
+    """Keep every decode step's interval in ``pass_clock`` (``--step-log``)."""
 
 
 @dataclass
@@ -423,7 +426,8 @@ class BenchRow:
     """Each timed pass's step clock (plugin DFlash modes; ``StepClock``): its
     steps, their seconds ``busy_s`` (the pass's time less its first step,
     which follows the idle engine, and its host work around the steps), and
-    its stalls, ``[step in the pass, batch, K, ms]``."""
+    its stalls, ``[step in the pass, batch, K, ms]``; with ``--step-log``
+    every step in that form too (``log``)."""
     pass_start_position: list[int] = field(default_factory=list)
     """Each timed pass's engine: where it started in its round (``--rounds``;
     0: first), the others' engines already up beside it."""
@@ -530,14 +534,18 @@ def output_digest(token_ids: list[list[int]]) -> str:
 
 
 def _clock_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
-    """A pass's step clock: its steps, their seconds, and its stalls (their
-    step counted from the pass's first)."""
+    """A pass's step clock: its steps, their seconds, its stalls and (where
+    the clock keeps one) its step log, each step counted from the pass's
+    first."""
     start = before["steps"]
-    return {
+    delta = {
         "steps": after["steps"] - start,
         "busy_s": round(after["busy_s"] - before["busy_s"], 6),
-        "stalls": [[s[0] - start, *s[1:]] for s in after["stalls"] if s[0] > start],
     }
+    for name in ("stalls", "log"):
+        if name in after:
+            delta[name] = [[s[0] - start, *s[1:]] for s in after[name] if s[0] > start]
+    return delta
 
 
 def _policy_delta(
@@ -595,6 +603,8 @@ class _Engine:
 
         self.spec = spec
         self.llm = LLM(**_engine_kwargs(spec))
+        if spec.step_log:
+            self.llm.collective_rpc(keep_step_log)
         self.runner: str = self.llm.collective_rpc(runner_version)[0]
         self.rng = random.Random(0)
         vocab = json.loads(Path(spec.target, "config.json").read_text())["vocab_size"]
@@ -1231,6 +1241,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--profile", action="store_true", help="torch-profiler table per DFlash mode"
     )
     p.add_argument(
+        "--step-log",
+        action="store_true",
+        help="keep every decode step's interval of the DFlash engines' timed "
+        "passes (pass_clock's log: [step, batch, K, ms]), e.g. for "
+        "scripts/simulate_adaptive.py --replay",
+    )
+    p.add_argument(
         "--interleave",
         action="store_true",
         help="start every mode's engine at once (each with an equal share of the "
@@ -1481,6 +1498,7 @@ def bench_command(args: argparse.Namespace) -> int:
                 else None
             ),
             memory_share=1.0 / len(modes) if args.interleave else 1.0,
+            step_log=args.step_log,
         )
         for mode in modes
     ]

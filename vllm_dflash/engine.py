@@ -112,6 +112,18 @@ def step_clock_snapshot(worker: Any) -> dict[str, Any] | None:
     return None if clock is None else clock.snapshot()
 
 
+def keep_step_log(worker: Any) -> bool:
+    """Make the DFlash scheduler's step clock keep every step's interval
+    (``StepClock.keep_log``), through ``collective_rpc`` as
+    ``adaptive_snapshot``; whether there was a clock to ask."""
+    from vllm_dflash import adaptive
+
+    clock = adaptive.last_clock
+    if clock is not None:
+        clock.keep_log()
+    return clock is not None
+
+
 def _call_hook(worker: Any, hook: str, phase: str) -> Any:
     import importlib
 

@@ -26,7 +26,7 @@ def test_bench_writes_table_json_and_plot(tmp_path: Path) -> None:
     cmd += ["--modes", "none,plugin-k3,adaptive", "--batch-sizes", "1,2"]
     cmd += ["--k", "7", "--tau", "0", "--acceptance", "decay"]
     cmd += ["--prompt-len", "8", "--output-len", "16", "--long-output-len", "40"]
-    cmd += ["--enforce-eager", "--repeats", "2"]
+    cmd += ["--enforce-eager", "--repeats", "2", "--step-log"]
     cmd += ["--dtype", "float32", "--out", str(out)]
     # In-process engine cores: CPU vLLM otherwise gives the worker its own
     # process, away from the scheduler's adaptive policy the bench reads.
@@ -80,6 +80,17 @@ def test_bench_writes_table_json_and_plot(tmp_path: Path) -> None:
             for step, batch, k, ms in clock["stalls"]:
                 assert 1 <= step <= clock["steps"] and 1 <= batch <= b
                 assert 0 <= k <= 7 and 0 < ms <= 1e3 * clock["busy_s"]
+            # --step-log: every step of the pass, in order, its stalls among
+            # them, their intervals adding up to the pass's busy time.
+            log = clock["log"]
+            assert [entry[0] for entry in log] == list(range(1, clock["steps"] + 1))
+            assert all(entry in log for entry in clock["stalls"])
+            assert sum(entry[3] for entry in log) == pytest.approx(
+                1e3 * clock["busy_s"], abs=1e-3 * len(log)
+            )
+            assert {entry[2] for entry in log} <= (
+                {3} if mode == "plugin-k3" else {0, 1, 3, 7}
+            )
     assert rows[("plugin-k3", 1)]["adaptive"] is None
     assert rows[("plugin-k3", 1)]["drafts_per_request_step"] == 3.0
     # Every row keeps its untimed full-batch warm-up's rate.

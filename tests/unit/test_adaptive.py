@@ -741,6 +741,27 @@ def test_clock_delta_is_one_pass() -> None:
         "busy_s": 1.5,
         "stalls": [[55, 64, 7, 600.0]],
     }
+    # With a step log, the pass's steps of it, numbered from its first.
+    after["log"] = [[40, 64, 7, 9.0], [41, 64, 7, 9.5], [42, 64, 3, 8.0]]
+    assert _clock_delta(before, after)["log"] == [[1, 64, 7, 9.5], [2, 64, 3, 8.0]]
+
+
+def test_a_clock_keeps_its_steps_once_asked() -> None:
+    """``--step-log``: each step's interval, batch and K in order (the last
+    ``steps`` of them), its stalls too; nothing before ``keep_log`` or
+    without it."""
+    clock = adaptive.StepClock()
+    times = [0.0, 0.010, 0.021, 0.030]
+    for t in times[:2]:
+        clock.tick(t, 8, 15)
+    assert "log" not in clock.snapshot()
+    clock.keep_log(steps=2)
+    for t in times[2:]:
+        clock.tick(t, 8, 7)
+    assert clock.snapshot()["log"] == [[2, 8, 7, 11.0], [3, 8, 7, 9.0]]
+    clock.tick(0.050, 4, 3)
+    assert clock.snapshot()["log"] == [[3, 8, 7, 9.0], [4, 4, 3, 20.0]]
+    json.dumps(clock.snapshot())
 
 
 def test_a_slow_reading_does_not_hide_a_larger_k() -> None:
@@ -948,3 +969,56 @@ def test_the_simulated_slow_stretches_are_the_same_for_every_engine(
     for factor, length in runs:
         assert 1.25 <= factor <= 1.35
         assert 8 <= length <= 20
+
+
+def test_the_simulation_replays_a_recorded_engines_steps(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``--replay``: a ``--step-log`` run's fixed-K steps, over their median,
+    slow every simulated step in the order recorded; a flat recording is the
+    noiseless regime, and only scenarios whose batches it has are run."""
+    script = _simulation_script(monkeypatch)
+
+    def row(
+        mode: str, batch: int, k: int, logs: list[list[list[float]]]
+    ) -> dict[str, object]:
+        clocks = [{"steps": len(log), "busy_s": 0.0, "log": log} for log in logs]
+        return {
+            "mode": mode,
+            "batch": batch,
+            "k": k,
+            "output_len": 256,
+            "pass_clock": clocks,
+        }
+
+    log = [[1, 8, 15, 50.0], [2, 8, 15, 10.0], [3, 7, 15, 30.0], [4, 8, 15, 12.0]]
+    log += [[5, 8, 7, 9.0], [6, 8, 15, 14.0]]
+    bench = {
+        "meta": {"output_len": 256},
+        "rows": [
+            row("plugin", 8, 15, [log, [[1, 8, 15, 40.0], [2, 8, 15, 8.0]]]),
+            row("adaptive", 8, 15, [log]),
+            row("plugin", 1, 15, [[]]),
+        ],
+    }
+    # Each pass's first two steps go, and the steps of a smaller batch or
+    # another K: 12 and 14 ms, median 13.
+    assert script.replay_factors(bench) == {8: [12 / 13, 14 / 13]}
+    flat = {8: [1.0] * 50}
+    replayed = script.simulate(
+        {"this": adaptive}, ["h200-gemma-b8", "b1-high"], 2, flat
+    )
+    plain = script.simulate({"this": adaptive}, ["h200-gemma-b8"], 2)
+    assert [(r["scenario"], r["phase"]) for r in replayed] == [
+        ("h200-gemma-b8", "replay")
+    ]
+    noiseless = [r for r in plain if (r["noise"], r["phase"]) == (0.0, "none")]
+    assert replayed[0]["mean"] == noiseless[0]["mean"]
+    # A recording with slow stretches slows a fixed K by its mean factor
+    # (1200 steps: 48 turns of 25).
+    slow = {8: [1.0] * 10 + [1.3] * 15}
+    scenario = script.SCENARIOS["h200-gemma-b8"]
+    for k in (7, 15):
+        base = script.run(k, scenario, 0, 0.0, "none")[8]
+        got = script.run(k, scenario, 0, 0.0, "replay", slow)[8]
+        assert base / got == pytest.approx((10 + 15 * 1.3) / 25, rel=1e-3)
