@@ -384,6 +384,8 @@ class BenchSpec:
     """This engine's share of the device (``--interleave``: 1 / modes)."""
     start_position: int = 0
     """Where this engine started in its round (``--rounds``; 0: first)."""
+    round_index: int = 0
+    """This engine's round (``--rounds``; 0: the first)."""
     step_log: bool = False
     """Keep every decode step's interval in ``pass_clock`` (``--step-log``)."""
 
@@ -431,6 +433,9 @@ class BenchRow:
     pass_start_position: list[int] = field(default_factory=list)
     """Each timed pass's engine: where it started in its round (``--rounds``;
     0: first), the others' engines already up beside it."""
+    pass_round: list[int] = field(default_factory=list)
+    """Each timed pass's round (``--rounds``; 0: first). ``--merge`` numbers
+    each run's rounds on from the runs before it."""
     spec_counts: list[float] | None = None
     """vLLM's spec-decode counters over the timed passes: drafts (one
     request's drafts in one step), accepted tokens and draft tokens; what
@@ -473,6 +478,7 @@ def merge_rows(a: BenchRow, b: BenchRow) -> BenchRow:
         pass_output_digest=a.pass_output_digest + b.pass_output_digest,
         pass_clock=a.pass_clock + b.pass_clock,
         pass_start_position=a.pass_start_position + b.pass_start_position,
+        pass_round=a.pass_round + b.pass_round,
         spec_counts=counts,
     )
 
@@ -711,6 +717,7 @@ class _Engine:
             pass_output_digest=self._digests,
             pass_clock=self._pass_clock,
             pass_start_position=[self.spec.start_position] * len(rates),
+            pass_round=[self.spec.round_index] * len(rates),
             spec_counts=counts,
         )
 
@@ -1054,10 +1061,41 @@ def _paired_logs(a: BenchRow, b: BenchRow) -> list[float] | None:
     ]
 
 
+def _round_rows(row: BenchRow) -> dict[int, BenchRow] | None:
+    """``row``'s passes of each round as rows of their own; None where a
+    pass's round is not known (rows written before ``pass_round``)."""
+    n = len(row.pass_tok_per_s)
+    if n == 0 or len(row.pass_round) != n or len(row.pass_start_s) != n:
+        return None
+    out = {}
+    for round_ in sorted(set(row.pass_round)):
+        passes = [i for i, r in enumerate(row.pass_round) if r == round_]
+        out[round_] = replace(
+            row,
+            pass_tok_per_s=[row.pass_tok_per_s[i] for i in passes],
+            pass_start_s=[row.pass_start_s[i] for i in passes],
+            pass_round=[round_] * len(passes),
+        )
+    return out
+
+
+def paired_ratio_by_round(a: BenchRow, b: BenchRow) -> list[float] | None:
+    """``paired_ratio`` of ``a`` to ``b`` in each round, in round order;
+    None with one round, or where the rounds or pairs are not known. On the
+    H200 two rounds of one run read 0.94x and 0.99x (Gemma 4, batch 1),
+    which the pooled ratio hides."""
+    by_a, by_b = _round_rows(a), _round_rows(b)
+    if by_a is None or by_b is None or by_a.keys() != by_b.keys() or len(by_a) < 2:
+        return None
+    ratios = [paired_ratio(by_a[r], by_b[r]) for r in by_a]
+    return None if None in ratios else [r for r in ratios if r is not None]
+
+
 def summarize(rows: list[BenchRow]) -> list[dict[str, Any]]:
     """Per batch: the fastest fixed-K plugin mode, and adaptive against it
-    (by median passes, and pass by pass where the two were interleaved) and
-    against no speculation (None where a mode is missing)."""
+    (by median passes, and pass by pass where the two were interleaved,
+    over all passes and per round) and against no speculation (None where a
+    mode is missing)."""
     out = []
     for batch in sorted({r.batch for r in rows}):
         mine = [r for r in rows if r.batch == batch]
@@ -1078,6 +1116,9 @@ def summarize(rows: list[BenchRow]) -> list[dict[str, Any]]:
                 ),
                 "adaptive_vs_best_fixed_paired_error": (
                     paired_error(adaptive, best) if adaptive and best else None
+                ),
+                "adaptive_vs_best_fixed_paired_by_round": (
+                    paired_ratio_by_round(adaptive, best) if adaptive and best else None
                 ),
                 "adaptive_vs_none": (
                     adaptive.tok_per_s / none.tok_per_s if adaptive and none else None
@@ -1135,10 +1176,12 @@ def print_table(rows: list[BenchRow], k: int) -> None:
     ):
         # "paired": pass by pass, where the passes were interleaved.
         paired = any(s["adaptive_vs_best_fixed_paired"] for s in summary)
+        by_round = any(s["adaptive_vs_best_fixed_paired_by_round"] for s in summary)
         print(
             f"{'batch':>6} {'best fixed K':>{width}} {'tok/s':>10} "
             f"{'adaptive/best':>13} {'adaptive/none':>13}"
             + (f" {'paired':>7} {'error':>7}" if paired else "")
+            + ("  paired by round" if by_round else "")
         )
         for s in summary:
             tok_s = s["best_fixed_tok_per_s"]
@@ -1151,6 +1194,15 @@ def print_table(rows: list[BenchRow], k: int) -> None:
                     f" {_ratio(s['adaptive_vs_best_fixed_paired']):>7}"
                     f" {_percent(s['adaptive_vs_best_fixed_paired_error']):>7}"
                     if paired
+                    else ""
+                )
+                + (
+                    "  "
+                    + " ".join(
+                        _ratio(x)
+                        for x in s["adaptive_vs_best_fixed_paired_by_round"] or [None]
+                    )
+                    if by_round
                     else ""
                 )
             )
@@ -1377,6 +1429,12 @@ MERGE_KEYS = (
 )
 
 
+def _rounds_after(row: BenchRow, rounds_before: int) -> BenchRow:
+    """``row`` of a merged run, its passes' rounds numbered after the
+    ``rounds_before`` of the runs merged before it."""
+    return replace(row, pass_round=[r + rounds_before for r in row.pass_round])
+
+
 def merge_runs(paths: list[Path], out: Path) -> int:
     """``--merge``: one ``bench.json`` (and plot) from runs of the same modes
     and settings taken apart, every mode's rows pooled in the runs' order as
@@ -1410,11 +1468,13 @@ def merge_runs(paths: list[Path], out: Path) -> int:
                 )
     rows: list[BenchRow] = []
     long_rows: list[BenchRow] = []
+    rounds_before = 0
     for _, run in runs:
         for row in run["rows"]:
-            _add_row(rows, BenchRow(**row))
+            _add_row(rows, _rounds_after(BenchRow(**row), rounds_before))
         for row in run.get("long_rows", []):
-            _add_row(long_rows, BenchRow(**row))
+            _add_row(long_rows, _rounds_after(BenchRow(**row), rounds_before))
+        rounds_before += run["meta"].get("rounds", 1)
     meta = {
         **first["meta"],
         "rounds": sum(run["meta"].get("rounds", 1) for _, run in runs),
@@ -1515,7 +1575,11 @@ def bench_command(args: argparse.Namespace) -> int:
     failed = []
     for round_ in range(args.rounds):
         order = [
-            replace(spec, start_position=i if args.interleave else 0)
+            replace(
+                spec,
+                start_position=i if args.interleave else 0,
+                round_index=round_,
+            )
             for i, spec in enumerate(pass_order(specs, round_))
         ]
         groups = [order] if args.interleave else [[spec] for spec in order]

@@ -193,6 +193,7 @@ def test_rounds_restart_the_engines_in_the_other_order(tmp_path: Path) -> None:
     assert sorted(rows) == sorted(modes)
     assert rows["plugin-k3"]["pass_start_position"] == [0, 0, 1, 1]
     assert rows["dynamic-k3"]["pass_start_position"] == [1, 1, 0, 0]
+    assert all(r["pass_round"] == [0, 0, 1, 1] for r in rows.values())
     # Round 2's engines have logs of their own, and ran after round 1's.
     for mode in modes:
         assert (out / f"{mode}.log").exists() and (out / f"{mode}-round2.log").exists()

@@ -251,11 +251,13 @@ def test_rounds_start_the_modes_one_later(
     each round, each spec told its start position (0 alone), each round's
     logs named apart; a mode's rows of one batch merge into one."""
     calls: list[tuple[list[tuple[str, int]], str]] = []
+    rounds: list[int] = []
 
     def fake_run_engines(
         specs: list[bench.BenchSpec], out: Path, on_batch: Any, log_suffix: str
     ) -> list[str]:
         calls.append(([(s.mode, s.start_position) for s in specs], log_suffix))
+        rounds.extend(s.round_index for s in specs)
         on_batch(
             [
                 BenchRow(
@@ -292,6 +294,7 @@ def test_rounds_start_the_modes_one_later(
             [("plugin-k3", 0)], [("plugin", 0)], [("none", 0)],
             [("plugin", 0)], [("none", 0)], [("plugin-k3", 0)],
         ]  # fmt: skip
+    assert rounds == [0, 0, 0, 1, 1, 1, 2, 2, 2]
     final = json.loads((tmp_path / "bench.json").read_text())
     assert final["meta"]["rounds"] == 3
     assert [(r["mode"], r["tokens"]) for r in final["rows"]] == [
@@ -643,6 +646,7 @@ def test_merge_rows_pools_two_rounds() -> None:
             pass_start_s=[1.0, 2.0] if rates[0] < 15 else [5.0, 6.0],
             pass_output_digest=["a", "b"],
             pass_start_position=[0, 0] if rates[0] < 15 else [1, 1],
+            pass_round=[0, 0] if rates[0] < 15 else [1, 1],
             spec_counts=counts,
         )
 
@@ -669,6 +673,14 @@ def test_merge_rows_pools_two_rounds() -> None:
         replace(second, mode="plugin", pass_start_position=[0, 0]),
     )
     assert bench.paired_ratio(merged, other) == pytest.approx(1.0)
+    assert merged.pass_round == [0, 0, 1, 1]
+    # Per round too: here a half-speed first pass of round 1 in one mode.
+    slow = replace(other, pass_tok_per_s=[20.0, 12.0, 20.0, 30.0])
+    by_round = bench.paired_ratio_by_round(merged, slow)
+    assert by_round == pytest.approx([math.sqrt(0.5), 1.0])
+    # One round, or rows from before pass_round: nothing per round.
+    assert bench.paired_ratio_by_round(first, first) is None
+    assert bench.paired_ratio_by_round(replace(merged, pass_round=[]), slow) is None
 
 
 def test_merge_pools_runs_of_the_two_orders(
@@ -695,6 +707,7 @@ def test_merge_pools_runs_of_the_two_orders(
                 pass_tok_per_s=[100.0 + 10 * i, 100.0 + 10 * i],
                 pass_start_s=[start, start + 10],
                 pass_start_position=[i, i],
+                pass_round=[0, 0],
                 spec_counts=[10.0, 10.0 * (i + 1), 70.0],
             )
             for i, mode in enumerate(order)
@@ -722,13 +735,18 @@ def test_merge_pools_runs_of_the_two_orders(
     rows = {r["mode"]: BenchRow(**r) for r in merged["rows"]}
     assert rows["plugin"].pass_start_position == [0, 0, 1, 1]
     assert rows["adaptive"].pass_start_position == [1, 1, 0, 0]
+    assert rows["plugin"].pass_round == rows["adaptive"].pass_round == [0, 0, 1, 1]
     assert rows["plugin"].pass_tok_per_s == [100.0, 100.0, 110.0, 110.0]
     # Started second, each engine read 1.1x: balanced, the two are equal.
     assert bench.paired_ratio(rows["adaptive"], rows["plugin"]) == pytest.approx(1.0)
     assert rows["adaptive"].acceptance_length == 2.5  # 1 + (20 + 10) / 20
     summary = merged["summary"][0]
     assert summary["adaptive_vs_best_fixed_paired"] == pytest.approx(1.0)
-    assert "paired" in capsys.readouterr().out
+    # Per run: adaptive read 1.1x in the run where it started second.
+    assert summary["adaptive_vs_best_fixed_paired_by_round"] == pytest.approx(
+        [1.1, 1 / 1.1]
+    )
+    assert "paired by round" in capsys.readouterr().out
     # Named in the other order (the later run first), the pairs are the same.
     argv = ["--merge", str(second), str(first), "--out", str(tmp_path / "later")]
     assert bench.bench_command(parser.parse_args(argv)) == 0
