@@ -979,3 +979,24 @@ def test_profile_writes_the_kernel_table_and_the_timeline(tmp_path: Path) -> Non
         "profile-plugin.trace.json.gz",
         "profile-plugin.txt",
     ]
+
+
+def test_gemma_rounds_read_as_documented_round_by_round() -> None:
+    """docs/adaptive.md, Measured, tenth session, the table of item 3:
+    adaptive over fixed K 15, paired, in each of the four rounds (two runs of
+    ``--rounds 2``, merged), and adaptive started first in rounds 1 and 4."""
+    folder = Path(__file__).parents[2] / "docs/benchmarks"
+    name = "gemma4-26b-a4b-h200-balanced-rounds-k15-b64-b8-b1.json"
+    data = json.loads((folder / name).read_text())
+    documented = {
+        1: [0.981, 1.011, 0.936, 0.993],
+        8: [0.951, 0.993, 0.948, 0.978],
+        64: [0.960, 1.043, 1.179, 1.063],
+    }
+    for s in data["summary"]:
+        by_round = s["adaptive_vs_best_fixed_paired_by_round"]
+        assert by_round == pytest.approx(documented[s["batch"]], abs=5e-4)
+    rows = [BenchRow(**r) for r in data["rows"] if r["mode"] == "adaptive"]
+    for row in rows:
+        rounds = zip(row.pass_round, row.pass_start_position, strict=True)
+        assert {r for r, position in rounds if position == 0} == {0, 3}
