@@ -170,15 +170,18 @@ class StepClock:
             return None
         self.steps += 1
         self.busy_s += seconds
-        entry = [self.steps, batch, k, round(1e3 * seconds, 3)]
         recent = sorted(self._intervals)
-        if (
+        stall = (
             len(recent) == STALL_WINDOW
             and seconds > STALL_FACTOR * recent[STALL_WINDOW // 2]
-        ):
-            self.stalls.append(entry)
-        if self.log is not None:
-            self.log.append(entry)
+        )
+        if stall or self.log is not None:
+            # Built only where kept: this runs on the scheduler every step.
+            entry = [self.steps, batch, k, round(1e3 * seconds, 3)]
+            if stall:
+                self.stalls.append(entry)
+            if self.log is not None:
+                self.log.append(entry)
         self._intervals.append(seconds)
         return seconds
 
