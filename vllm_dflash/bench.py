@@ -792,9 +792,6 @@ def _profile(llm: Any, prompts: Any, path: str) -> None:
     Writes the kernel table at ``path`` and the timeline beside it
     (``.trace.json.gz``, for chrome://tracing or Perfetto): the table sums
     over the run, the timeline shows where a step's time goes."""
-    import gzip
-    import shutil
-
     import torch
     from torch.profiler import ProfilerActivity, profile
     from vllm import SamplingParams
@@ -809,11 +806,8 @@ def _profile(llm: Any, prompts: Any, path: str) -> None:
         llm.generate(prompts, params, use_tqdm=False)
     sort = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
     Path(path).write_text(prof.key_averages().table(sort_by=sort, row_limit=60))
-    trace = Path(path).with_suffix(".trace.json")
-    prof.export_chrome_trace(str(trace))
-    with trace.open("rb") as raw, gzip.open(f"{trace}.gz", "wb") as packed:
-        shutil.copyfileobj(raw, packed)
-    trace.unlink()
+    # The profiler gzips a path ending in .gz itself.
+    prof.export_chrome_trace(str(Path(path).with_suffix(".trace.json.gz")))
 
 
 def _worker_env(spec: BenchSpec) -> dict[str, str]:
