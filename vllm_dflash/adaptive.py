@@ -341,7 +341,7 @@ class StepCost:
     samples' median.
 
     Estimates are then capped (``_capped``): a step costs no more than any
-    step with as many or more drafts and requests (the cheapest of them
+    step of its bucket with as many or more drafts (the cheapest of them
     bounds it), nor more than a smaller K with drafts scaled by the verified
     tokens. Step-time noise is mostly one-sided (a JIT compile, a host
     hiccup, a neighbour on the GPU): such an outlier makes a key look
@@ -529,35 +529,35 @@ class StepCost:
 
 
 def _capped(medians: dict[Key, float]) -> dict[Key, float]:
-    """Each key's median capped by
+    """Each key's median capped by the keys of its own batch bucket:
 
-    - every key with at least as many requests and drafts (a step never
-      costs less for more work; a K 0 step is capped by steps with drafts
-      too: on the V1 runner it skips the drafter, and on V2, where it still
-      writes the drafter's context and can read slower than K 1, K 1 beats it
-      anyway), and
-    - the same batch with fewer drafts (K' >= 1), scaled by the verified
-      tokens ``(1 + K) / (1 + K')``: the work per token does not grow with K.
+    - every key with at least as many drafts (a step never costs less for
+      more drafts; a K 0 step is capped by steps with drafts too: on the V1
+      runner it skips the drafter, and on V2, where it still writes the
+      drafter's context and can read slower than K 1, K 1 beats it anyway),
+      and
+    - every smaller K' >= 1, scaled by the verified tokens
+      ``(1 + K) / (1 + K')``: the work per token does not grow with K.
+
+    Other buckets do not cap a key. Fewer requests do not always cost less:
+    on the H200 (Gemma 4, V2 runner) a batch-7 step at K 15 took 10.2 ms
+    against 7.45 ms at batch 8, and batch 63 27.9 ms against 25.0 ms at 64.
+    And the cap of a key by every bigger bucket was the least of many
+    readings, taken in other phases (pass tails) and often from two samples:
+    one batch-2 K 7 reading of 4.1 ms capped batch 1's K 7 (5.8 ms measured)
+    below K 15, and the bucket ran K 7 in 387 of 399 steps, 0.84x of fixed
+    K 15 (docs/adaptive.md, Measured, eleventh session).
     """
-    # Rebuilt after every new sample, on the scheduler's path: one sweep over
-    # the (bucket, K) grid from the largest bucket and K down.
-    buckets = sorted({b for b, _ in medians}, reverse=True)
-    ks = sorted({k for _, k in medians}, reverse=True)
-    above = [math.inf] * len(ks)  # per K: min over the rows swept, k2 >= k
+    rows: dict[int, list[tuple[int, float]]] = {}  # bucket: (K, median), K up
+    for (b, k), m in sorted(medians.items()):
+        rows.setdefault(b, []).append((k, m))
     table: dict[Key, float] = {}
-    for b in buckets:
-        run = math.inf  # min over b2 >= b, k2 >= k
-        for j, k in enumerate(ks):
-            run = min(run, medians.get((b, k), math.inf), above[j])
-            above[j] = run
-        per_token = math.inf  # min over measured 1 <= k2 < k of m / (1 + k2)
-        for j in reversed(range(len(ks))):
-            k = ks[j]
-            if (b, k) not in medians:
-                continue
-            table[(b, k)] = min(above[j], per_token * (1 + k))
+    for b, row in rows.items():
+        per_token = math.inf  # min over 1 <= K' < K of median / (1 + K')
+        for i, (k, m) in enumerate(row):
+            table[(b, k)] = min(min(m2 for _, m2 in row[i:]), per_token * (1 + k))
             if k >= 1:
-                per_token = min(per_token, medians[(b, k)] / (1 + k))
+                per_token = min(per_token, m / (1 + k))
     return table
 
 
