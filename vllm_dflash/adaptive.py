@@ -313,6 +313,14 @@ class AcceptanceEstimate:
 
 
 Key = tuple[int, int]  # (batch bucket, K)
+Sample = tuple[int, float]  # (batch, seconds) of a bucket's level
+
+
+def _level_at(steps: list[Sample], batch: int, n: int) -> float:
+    """The median of the last ``n`` level samples at ``batch``, or (where
+    none is) of the last ``n`` at any batch."""
+    same = [s for b, s in steps if b == batch][-n:]
+    return statistics.median(same or [s for _, s in steps][-n:])
 
 
 @dataclass
@@ -361,9 +369,12 @@ class StepCost:
     relative: dict[Key, float] = field(default_factory=dict)
     # Per batch bucket: recent steps' seconds over their key's relative cost.
     level: dict[int, deque[float]] = field(default_factory=dict)
-    # Per key just measured: the median of its samples, and the level samples
-    # before it (the last min_samples) and since (until min_samples).
-    _bracket: dict[Key, tuple[float, list[float], list[float]]] = field(
+    # Per batch bucket: the batch of each of its level samples.
+    level_batch: dict[int, deque[int]] = field(default_factory=dict)
+    # Per key just measured: the median of its samples, the batch of its last
+    # sample, and the bucket's level samples (batch, seconds) before it (the
+    # last WINDOW) and since (until ``_bracket_level`` has enough).
+    _bracket: dict[Key, tuple[float, int, list[Sample], list[Sample]]] = field(
         default_factory=dict, repr=False
     )
     # Per key measured again to confirm it (``confirm``): its relative cost
@@ -394,22 +405,24 @@ class StepCost:
         level = self.level.setdefault(key[0], deque(maxlen=WINDOW))
         relative = self.relative.get(key)
         if relative is None and level:
-            self._measure(key, samples, level)
+            self._measure(key, samples, batch)
         else:
             if relative is None:  # the bucket's first key sets the scale
                 relative = self.relative[key] = 1.0
-            self._step(key, seconds / relative)
+            self._step(key, batch, seconds / relative)
 
-    def _measure(self, key: Key, samples: deque[float], level: deque[float]) -> None:
-        """A sample of a key being measured: with ``min_samples`` of them, its
-        cost over the level of the bucket's steps just before (``_step``
-        brackets it with the steps after)."""
+    def _measure(self, key: Key, samples: deque[float], batch: int) -> None:
+        """A sample of a key being measured at ``batch``: with ``min_samples``
+        of them, its cost over the level of the bucket's steps just before
+        (``_step`` brackets it with the steps after), those at this batch
+        where there are any (``_level_at``)."""
         if len(samples) < self.min_samples:
             return
         own = statistics.median(samples)
-        before = list(level)[-self.min_samples :]
-        self._set_relative(key, own, statistics.median(before), bracketed=False)
-        self._bracket[key] = (own, before, [])
+        before = list(zip(self.level_batch[key[0]], self.level[key[0]], strict=True))
+        level = _level_at(before, batch, self.min_samples)
+        self._set_relative(key, own, level, bracketed=False)
+        self._bracket[key] = (own, batch, before, [])
 
     def _set_relative(
         self, key: Key, own: float, level: float, *, bracketed: bool
@@ -432,23 +445,49 @@ class StepCost:
         earlier = self._earlier.get(key)
         return relative if earlier is None else math.sqrt(earlier * relative)
 
-    def _step(self, key: Key, level_s: float) -> None:
-        """A step of a measured key, at ``level_s`` seconds of the level: it
-        moves its bucket's level and completes the brackets of the keys
-        measured before it. A key's own steps say nothing about the level
-        around its measurement: they drop its bracket."""
+    def _step(self, key: Key, batch: int, level_s: float) -> None:
+        """A step of a measured key at ``batch``, at ``level_s`` seconds of
+        the level: it moves its bucket's level and completes the brackets of
+        the keys measured before it. A key's own steps say nothing about the
+        level around its measurement: they drop its bracket."""
         self.level[key[0]].append(level_s)
+        self.level_batch.setdefault(key[0], deque(maxlen=WINDOW)).append(batch)
         self._bracket.pop(key, None)
         self._earlier.pop(key, None)
-        for other, (own, before, after) in list(self._bracket.items()):
+        for other, (own, at, before, after) in list(self._bracket.items()):
             if other[0] != key[0]:
                 continue
-            after.append(level_s)
-            if len(after) >= self.min_samples:
-                level = statistics.median(before + after)
+            after.append((batch, level_s))
+            level = self._bracket_level(at, before, after)
+            if level is not None:
                 self._set_relative(other, own, level, bracketed=True)
                 del self._bracket[other]
                 self._earlier.pop(other, None)
+
+    def _bracket_level(
+        self, batch: int, before: list[Sample], after: list[Sample]
+    ) -> float | None:
+        """The level a key measured at ``batch`` is divided by once the steps
+        after it have come in: the median of the last ``min_samples`` steps
+        before and the first ``min_samples`` after, those at its batch; None
+        until ``min_samples`` after it are at its batch or WINDOW are at any.
+        With none at its batch, the steps at any batch.
+
+        Batches of one bucket can cost differently at one K, and not alike at
+        every K: on the H200 (Gemma 4, V2 runner) batch 7 at K 15 took 10.2
+        ms where batch 8 took 7.45 ms, steady over the 5-15 batch-7 steps of
+        a pass's tail. A rival re-measured at the next pass's batch 8 against
+        those steps read 0.64-0.75 of K 15, and batch 8 ran K 7 in 21-92% of
+        its steps, 0.95-0.99x of fixed K 15 (docs/adaptive.md, Measured,
+        tenth and eleventh sessions)."""
+        n = self.min_samples
+        same_after = [s for b, s in after if b == batch]
+        if len(same_after) < n and len(after) < WINDOW:
+            return None
+        same = [s for b, s in before if b == batch][-n:] + same_after[:n]
+        if not same:
+            same = [s for _, s in before][-n:] + [s for _, s in after][:n]
+        return statistics.median(same)
 
     def forget(self, batch: int, k: int) -> None:
         """Drop a key's samples and relative cost before it is re-measured:

@@ -19,13 +19,13 @@ from types import ModuleType
 import pytest
 
 from vllm_dflash import adaptive, patching
-from vllm_dflash.bench import DECAY_RATES
 from vllm_dflash.adaptive import (
     MIN_SAMPLES,
     AcceptanceEstimate,
     AdaptiveDraftLength,
     StepClock,
 )
+from vllm_dflash.bench import DECAY_RATES
 
 
 def test_candidates_and_capture_schedule_cover_every_k() -> None:
@@ -307,6 +307,47 @@ def test_costs_are_relative_to_a_level_that_follows_the_steps() -> None:
     cost.observe(32, 7, 0.5)
     cost.observe(32, 7, 0.008)
     assert cost.relative[(32, 7)] == 1.0 and cost.estimate(32, 7) == 0.008
+
+
+def test_a_rival_is_compared_with_steps_at_its_own_batch() -> None:
+    """On the H200 (Gemma 4, V2 runner, eleventh session) batch 7 at K 15
+    took 10.2 ms and batch 8 7.45 ms, both bucket 8: each pass's tail ran
+    5-15 steps at batch 7, and a K 7 re-measured at the next pass's batch 8
+    (7.3 ms) against them read 0.64-0.75 of K 15. Its level is the steps at
+    its own batch, before it where the window has some, else after it."""
+    cost = adaptive.StepCost(min_samples=3)
+    for seconds in [0.5] + [0.00745] * 8:
+        cost.observe(8, 15, seconds)
+    for _ in range(8):  # a pass's tail: batch 7, dearer
+        cost.observe(7, 15, 0.0102)
+    for seconds in (0.5, 0.0073, 0.0073, 0.0073):  # the next pass, batch 8
+        cost.observe(8, 7, seconds)
+    assert cost.bracketing(8, 7)  # no batch-8 step in the window before it
+    for _ in range(2):
+        cost.observe(8, 15, 0.00745)
+    cost.observe(7, 15, 0.0102)  # another batch: not its level
+    assert cost.bracketing(8, 7)
+    cost.observe(8, 15, 0.00745)
+    assert cost.relative[(8, 7)] == pytest.approx(0.0073 / 0.00745)
+    # With batch-8 steps in the window before it, they are its level at once.
+    cost.forget(8, 7)
+    for batch in (8, 8, 7, 7, 7):
+        cost.observe(batch, 15, 0.00745 if batch == 8 else 0.0102)
+    for _ in range(3):
+        cost.observe(8, 7, 0.0073)
+    assert cost.relative[(8, 7)] == pytest.approx(0.0073 / 0.00745)
+    # A bracket with no step at its batch within WINDOW steps after it takes
+    # the steps at any batch.
+    cost.forget(8, 7)
+    for _ in range(8):
+        cost.observe(7, 15, 0.0102)
+    for _ in range(3):
+        cost.observe(8, 7, 0.0073)
+    for _ in range(adaptive.WINDOW):
+        assert cost.bracketing(8, 7)
+        cost.observe(9, 15, 0.008)
+    assert not cost.bracketing(8, 7)
+    assert cost.relative[(8, 7)] == pytest.approx(0.0073 / 0.0091)
 
 
 def test_a_drift_that_slows_every_k_does_not_move_the_choice() -> None:
