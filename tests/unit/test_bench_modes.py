@@ -1000,3 +1000,69 @@ def test_gemma_rounds_read_as_documented_round_by_round() -> None:
     for row in rows:
         rounds = zip(row.pass_round, row.pass_start_position, strict=True)
         assert {r for r, position in rounds if position == 0} == {0, 3}
+
+
+def _steps_by_batch(row: dict[str, Any]) -> dict[tuple[int, int], list[float]]:
+    """A row's logged steps (``--step-log``) by (K, batch), each inside a run
+    of its batch (the steps where the batch changes hold the change)."""
+    steps: dict[tuple[int, int], list[float]] = {}
+    for clock in row["pass_clock"]:
+        log = clock["log"]
+        for before, (_, batch, k, ms), after in zip(
+            log, log[1:], log[2:], strict=False
+        ):
+            if before[1] == batch == after[1]:
+                steps.setdefault((k, batch), []).append(ms)
+    return steps
+
+
+def test_gemma_step_log_reads_as_documented() -> None:
+    """docs/adaptive.md, Measured, eleventh session, item 1: fixed K 15's
+    steps by batch (batch 7 dearer than 8, 63 than 64), and batch 1's table,
+    where bucket 2's two-sample K 7 capped batch 1's K 7 under K 15 until
+    only a key's own bucket capped it."""
+    folder = Path(__file__).parents[2] / "docs/benchmarks"
+    data = json.loads(
+        (folder / "gemma4-26b-a4b-h200-step-log-k15-b64-b8-b1.json").read_text()
+    )
+    rows = {(r["mode"], r["batch"]): r for r in data["rows"]}
+    steps: dict[tuple[int, int], list[float]] = {}
+    for batch in (1, 8, 64):
+        for key, ms in _steps_by_batch(rows["plugin", batch]).items():
+            steps.setdefault(key, []).extend(ms)
+    documented = {7: (10.18, 20), 8: (7.45, 265), 6: (7.99, 14), 64: (25.0, 242)}
+    for batch, (ms, n) in documented.items():
+        assert statistics.median(steps[15, batch]) == pytest.approx(ms, abs=0.01)
+        assert len(steps[15, batch]) == n
+    assert statistics.median(steps[15, 63]) == pytest.approx(27.92, abs=0.01)
+    snapshot = rows["adaptive", 1]["adaptive"]
+    assert snapshot["steps_per_batch_k"] == {"b1/K3": 8, "b1/K7": 387, "b1/K15": 4}
+    assert snapshot["step_samples_ms"]["b2/K7"] == [4.137, 4.245]
+    medians = {}
+    for name, (ms, _) in snapshot["step_ms"].items():
+        bucket, k = name.split("/")
+        medians[int(bucket[1:]), int(k[1:])] = ms
+    table = adaptive._capped(medians)
+    assert table[1, 7] == pytest.approx(5.84)
+    rates = snapshot["conditional_acceptance"]
+    policy = adaptive.AdaptiveDraftLength(15)
+    policy.acceptance.tried = [1e6] * 15
+    policy.acceptance.accepted = [r * 1e6 for r in rates]
+    tokens = {k: 1 + policy.acceptance.expected_accepted(k) for k in (7, 15)}
+    assert tokens[15] / table[1, 15] > tokens[7] / table[1, 7]
+    assert tokens[15] / table[1, 15] < tokens[7] / min(table[1, 7], medians[2, 7])
+
+
+def test_gemma_rounds_after_the_fixes_read_as_documented() -> None:
+    """docs/adaptive.md, Measured, eleventh session, item 2: adaptive over
+    fixed K 15, paired, in each round, and batch 8's K 7 steps per pass."""
+    folder = Path(__file__).parents[2] / "docs/benchmarks"
+    name = "gemma4-26b-a4b-h200-rounds-same-batch-k15-b64-b8-b1.json"
+    data = json.loads((folder / name).read_text())
+    documented = {1: [0.938, 0.986], 8: [0.922, 0.958], 64: [0.975, 1.057]}
+    for s in data["summary"]:
+        by_round = s["adaptive_vs_best_fixed_paired_by_round"]
+        assert by_round == pytest.approx(documented[s["batch"]], abs=5e-4)
+    row = next(r for r in data["rows"] if r["mode"] == "adaptive" and r["batch"] == 8)
+    k7 = [sum(1 for *_, k, _ms in c["log"] if k == 7) for c in row["pass_clock"]]
+    assert k7 == [3, 48, 69, 53, 0, 69, 69, 69, 37, 0]
