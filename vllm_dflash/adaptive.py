@@ -93,6 +93,14 @@ RIVAL_FRACTION = 0.5
 # passes, 0.96x of fixed K 15.
 EXPLORE_AFTER = 16
 EXPLORE_HORIZON = 64
+# The YOUNG_STEPS step outputs after requests prefilled are no cost samples
+# where those requests are half the batch or more: on the H200 (Gemma 4,
+# batch 8) the first two decode steps of each pass took 7.7-13.6 ms where
+# the pass's median was 7.2-9.1 ms, in fixed and adaptive engines alike,
+# and a K 15 re-measured on them read 1.24x of K 7 where it costs about
+# 1.08x (docs/adaptive.md, Measured, eleventh session). A request joining a
+# larger batch leaves its steps samples.
+YOUNG_STEPS = 2
 # A re-measured rival waits at most this many decisions for the steps of
 # the best K that bracket its measurement (async scheduling: one or two;
 # more where the bucket's steps are not samples, e.g. a request joins every
@@ -649,6 +657,8 @@ class AdaptiveDraftLength:
         # waited for its bracket.
         self._challenger: dict[int, tuple[int, bool, int]] = {}
         self.clock = StepClock()
+        # Requests that prefilled in each of the last YOUNG_STEPS outputs.
+        self._joined: deque[int] = deque(maxlen=YOUNG_STEPS)
 
     # -- the decision -----------------------------------------------------
     def __getitem__(self, batch: int) -> int:
@@ -894,11 +904,19 @@ class AdaptiveDraftLength:
         state only for a pure decode step (every request ran 1 + its drafts)
         with one K for all, and ``next_k == K``: a step that switches K
         drafts for the other K (the V1 runner skips the drafter when the
-        next K is 0), so it stands for neither.
+        next K is 0), so it stands for neither. Nor is a step taken soon
+        after half its batch or more prefilled (``YOUNG_STEPS``).
         """
         ks = {len(scheduled_drafts.get(r, ())) for r in num_scheduled_tokens}
         seconds = self.clock.tick(now, len(num_scheduled_tokens), max(ks, default=0))
-        if seconds is None or len(ks) != 1:
+        young = sum(self._joined)
+        self._joined.append(
+            sum(
+                n != 1 + len(scheduled_drafts.get(r, ()))
+                for r, n in num_scheduled_tokens.items()
+            )
+        )
+        if seconds is None or len(ks) != 1 or 2 * young >= len(num_scheduled_tokens):
             return
         (k,) = ks
         if k not in self.ks or (next_k is not None and next_k != k):

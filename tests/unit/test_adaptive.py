@@ -261,6 +261,17 @@ def test_step_output_filter() -> None:
     policy.observe_step_output({"a": 1, "b": 1}, {}, 0, 9.012)
     policy.observe_step_output({"a": 1, "b": 1}, {}, 0, 9.014)
     assert policy.cost.count(2, 0) == 1
+    # The YOUNG_STEPS outputs after half the batch or more prefilled (a
+    # pass's start, a burst) are no samples; after one of three, they are.
+    policy.observe_step_output({"a": 1, "c": 30, "d": 30}, {}, 0, 9.016)
+    for t in (9.018, 9.020):
+        policy.observe_step_output({"a": 1, "c": 1, "d": 1}, {}, 0, t)
+    assert policy.cost.seen[(3, 0)] == 0
+    policy.observe_step_output({"a": 1, "c": 1, "d": 1}, {}, 0, 9.022)
+    assert policy.cost.seen[(3, 0)] == 1
+    policy.observe_step_output({"a": 1, "c": 1, "d": 1, "e": 30}, {}, 0, 9.024)
+    policy.observe_step_output({"a": 1, "c": 1, "d": 1, "e": 1}, {}, 0, 9.026)
+    assert policy.cost.seen[(4, 0)] == 1
 
 
 def test_a_slow_first_run_of_a_shape_does_not_rule_k_out() -> None:
@@ -542,7 +553,9 @@ def test_a_rival_waits_a_bounded_time_for_its_bracket() -> None:
     samples (a request joins every step), it is judged on the level before
     it alone."""
     policy = AdaptiveDraftLength(15, acceptance=AcceptanceEstimate(15, prior=0.8))
-    runs = runs_of_decode_steps(policy, lucky_k7, 80, joins=lambda i: 35 <= i < 55)
+    # Requests join at steps 35-52; the YOUNG_STEPS after are no samples too.
+    last = 55 - adaptive.YOUNG_STEPS
+    runs = runs_of_decode_steps(policy, lucky_k7, 80, joins=lambda i: 35 <= i < last)
     # K 7 (lucky) at 32 decisions; K 15 for its 4 planned steps and 16
     # waiting, none of them samples; judged on the level before it, K 7 wins
     # and is measured again (its true cost, steps that are samples again),
