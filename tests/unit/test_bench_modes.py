@@ -1066,3 +1066,29 @@ def test_gemma_rounds_after_the_fixes_read_as_documented() -> None:
     row = next(r for r in data["rows"] if r["mode"] == "adaptive" and r["batch"] == 8)
     k7 = [sum(1 for *_, k, _ms in c["log"] if k == 7) for c in row["pass_clock"]]
     assert k7 == [3, 48, 69, 53, 0, 69, 69, 69, 37, 0]
+
+
+def test_gemma_rounds_after_the_young_step_rule_read_as_documented() -> None:
+    """docs/adaptive.md, Measured, eleventh session, item 3: per-round
+    ratios, batch 8 at K 15 in all but the re-measurements' steps with the
+    fixed engine's step counts, and batch 1's K 7 steps per pass."""
+    folder = Path(__file__).parents[2] / "docs/benchmarks"
+    name = "gemma4-26b-a4b-h200-rounds-young-steps-k15-b8-b1.json"
+    data = json.loads((folder / name).read_text())
+    documented = {1: [1.028, 0.991], 8: [0.968, 0.861]}
+    for s in data["summary"]:
+        by_round = s["adaptive_vs_best_fixed_paired_by_round"]
+        assert by_round == pytest.approx(documented[s["batch"]], abs=5e-4)
+    rows = {(r["mode"], r["batch"]): r for r in data["rows"]}
+
+    def steps_at(row: dict[str, Any], k: int) -> list[int]:
+        return [
+            sum(1 for *_, kk, _ms in c["log"] if kk == k) for c in row["pass_clock"]
+        ]
+
+    adaptive_b8, fixed_b8 = rows["adaptive", 8], rows["plugin", 8]
+    assert sum(steps_at(adaptive_b8, 15)) == 758
+    assert sum(c["steps"] for c in adaptive_b8["pass_clock"]) == 774
+    for a, f in zip(adaptive_b8["pass_clock"], fixed_b8["pass_clock"], strict=True):
+        assert abs(a["steps"] - f["steps"]) <= 1
+    assert steps_at(rows["adaptive", 1], 7) == [4, 4, 0, 4, 0, 4, 5, 47, 50, 44, 0, 4]
