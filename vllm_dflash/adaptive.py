@@ -483,8 +483,8 @@ class StepCost:
 
         Batches of one bucket can cost differently at one K, and not alike at
         every K: on the H200 (Gemma 4, V2 runner) batch 7 at K 15 took 10.2
-        ms where batch 8 took 7.45 ms, steady over the 5-15 batch-7 steps of
-        a pass's tail. A rival re-measured at the next pass's batch 8 against
+        ms where batch 8 took 7.45 ms, steady over the up to 15 batch-7 steps
+        of a pass's tail. A rival re-measured at the next pass's batch 8 against
         those steps read 0.64-0.75 of K 15, and batch 8 ran K 7 in 21-92% of
         its steps, 0.95-0.99x of fixed K 15 (docs/adaptive.md, Measured,
         tenth and eleventh sessions)."""
@@ -592,8 +592,8 @@ def _capped(medians: dict[Key, float]) -> dict[Key, float]:
     And the cap of a key by every bigger bucket was the least of many
     readings, taken in other phases (pass tails) and often from two samples:
     one batch-2 K 7 reading of 4.1 ms capped batch 1's K 7 (5.8 ms measured)
-    below K 15, and the bucket ran K 7 in 387 of 399 steps, 0.84x of fixed
-    K 15 (docs/adaptive.md, Measured, eleventh session).
+    below K 15, and the bucket ran K 7 in 387 of 399 steps, 0.87x of fixed
+    K 15 paired (docs/adaptive.md, Measured, eleventh session).
     """
     rows: dict[int, list[tuple[int, float]]] = {}  # bucket: (K, median), K up
     for (b, k), m in sorted(medians.items()):
