@@ -844,10 +844,10 @@ def test_a_slow_reading_does_not_hide_a_larger_k() -> None:
 def test_another_bucket_does_not_cap_a_key() -> None:
     """On the H200 (Gemma 4, eleventh session) a batch-2 K 7 reading of 4.1
     ms (two samples, from pass tails) capped batch 1's K 7, measured at 5.8
-    ms, below its K 15 (5.9 ms): batch 1 ran K 7 in 387 of 399 steps, 0.87x paired
-    of fixed K 15. Nor is a bigger batch dearer there: batch 7 at K 15 took
-    10.2 ms, batch 8 7.45 ms. A bucket's keys are capped by its own keys
-    only, and batch 1 runs K 15."""
+    ms, below its K 15 (5.9 ms): batch 1 ran K 7 in 387 of 399 steps, 0.87x
+    of fixed K 15 paired. Nor is a bigger batch dearer there: batch 7 at K 15
+    took 10.2 ms, batch 8 7.45 ms. A bucket's keys are capped by its own
+    keys only, and batch 1 runs K 15."""
     policy = AdaptiveDraftLength(15)
     for key, ms in (((1, 3), 5.688), ((1, 7), 5.84), ((1, 15), 5.905)):
         policy.cost.recent[key] = deque([ms / 1e3] * 3)
