@@ -832,6 +832,27 @@ class _WorkerDied(RuntimeError):
     pass
 
 
+# What vLLM logs when an engine's share of the device leaves no KV cache.
+NO_KV_MEMORY = "No available memory for the cache blocks"
+
+
+def _failure_hint(log_text: str, memory_share: float) -> str:
+    """A line on what to change where a shared device caused the failure:
+    ``--interleave`` gives every engine its share of the device and each
+    holds the whole model. On the H200 three Gemma-4-26B-A4B engines at a
+    third each (48 GiB of weights apiece) had -8.8 GiB left for the KV
+    cache, after every engine had compiled its graphs (eleventh session)."""
+    if NO_KV_MEMORY not in log_text or memory_share >= 1.0:
+        return ""
+    engines = round(1.0 / memory_share)
+    return (
+        f"\n[bench] --interleave gave each of {engines} engines "
+        f"{_memory_utilization(memory_share):.2f} of the device "
+        "(gpu_memory_utilization), and each holds the whole model: run fewer "
+        "--modes at once, or leave out --interleave."
+    )
+
+
 class _RemoteEngine:
     """An ``_Engine`` in a worker process (``_serve``), one command at a
     time: JSON lines on its stdin, replies on a pipe of their own (vLLM
@@ -840,6 +861,7 @@ class _RemoteEngine:
     def __init__(self, spec: BenchSpec, log: Path) -> None:
         self.mode = spec.mode
         self.log = log
+        self.memory_share = spec.memory_share
         self.profiles = spec.profile_path is not None
         read_fd, write_fd = os.pipe()
         # Beside the log: what this engine ran, kept with the results.
@@ -870,9 +892,11 @@ class _RemoteEngine:
         line = self.replies.readline()
         if not line:
             self.proc.wait()
+            text = self.log.read_text()
             raise _WorkerDied(
                 f"[bench] mode {self.mode} failed (exit {self.proc.returncode}):\n"
-                + self.log.read_text()[-3000:]
+                + text[-3000:]
+                + _failure_hint(text, self.memory_share)
             )
         return json.loads(line)
 

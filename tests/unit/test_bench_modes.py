@@ -1092,3 +1092,14 @@ def test_gemma_rounds_after_the_young_step_rule_read_as_documented() -> None:
     for a, f in zip(adaptive_b8["pass_clock"], fixed_b8["pass_clock"], strict=True):
         assert abs(a["steps"] - f["steps"]) <= 1
     assert steps_at(rows["adaptive", 1], 7) == [4, 4, 0, 4, 0, 4, 5, 47, 50, 44, 0, 4]
+
+
+def test_a_kv_cache_failure_of_interleaved_engines_names_the_fix() -> None:
+    """Three Gemma engines sharing an H200 (--interleave) each had -8.8 GiB
+    for the KV cache: the failure says what --interleave did and what to
+    change. An engine alone, or another failure, gets no such line."""
+    log = "ValueError: No available memory for the cache blocks. Try increasing"
+    hint = bench._failure_hint(log, 1.0 / 3)
+    assert "each of 3 engines" in hint and "fewer --modes" in hint
+    assert bench._failure_hint(log, 1.0) == ""
+    assert bench._failure_hint("RuntimeError: CUDA error", 0.5) == ""
