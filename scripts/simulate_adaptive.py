@@ -78,16 +78,45 @@ GEMMA4_H200_STEP_MS = {
 }
 
 
+# Gemma-4-26B-A4B's decode step (ms, drafter included) on the H200 by exact
+# batch at K 15: the fixed engine's steps inside runs of one batch in the
+# eleventh session's step log (gemma4-26b-a4b-h200-step-log-k15-b64-b8-b1.json;
+# batch 7 dearer than 8). Other K scale it: at batches 2-8 by batch 8's K 3 /
+# K 7 / K 15 steps there (6.81 / 7.31 / 7.45 ms), at batch 1 by its K 7 / K
+# 15 (5.61 / 5.66 ms); K 0 and K 1 as in GEMMA4_H200_STEP_MS, K 3 at batch 1
+# interpolated.
+GEMMA4_H200_K15_BY_BATCH_MS = {
+    8: 7.45, 7: 10.18, 6: 7.99, 5: 7.87, 4: 7.01, 3: 7.29, 2: 6.57, 1: 5.66,
+}  # fmt: skip
+GEMMA4_H200_K_SCALE = {
+    8: {0: 0.70, 1: 0.78, 3: 0.914, 7: 0.981, 15: 1.0},
+    1: {0: 0.845, 1: 0.914, 3: 0.96, 7: 0.991, 15: 1.0},
+}
+# A benchmark pass's first decode steps, right after its prompts' prefill:
+# on the H200 (Gemma 4, batch 8) the first two read 7.7-13.6 ms where the
+# pass's median was 7.2-9.1 ms (eleventh session), in every engine.
+PASS_START_STEPS = 2
+PASS_START_SLOW = 1.3
+PREFILL_MS = 20.0
+
+
+def _gemma_pass_ms(batch: int, k: int) -> float:
+    scale = GEMMA4_H200_K_SCALE[1 if batch == 1 else 8]
+    return GEMMA4_H200_K15_BY_BATCH_MS[batch] * scale[k]
+
+
 @dataclass(frozen=True)
 class Scenario:
     """``stages``: (batch, steps) in turn; ``verify_ms(batch, k)``: a step
     verifying k drafts per request; ``draft_ms``: added where the step
-    drafts for the next (the next K is not 0)."""
+    drafts for the next (the next K is not 0). With ``pass_tokens``, a
+    stage is (batch, passes) of benchmark passes instead (``run_passes``)."""
 
     stages: tuple[tuple[int, int], ...]
     conditional: list[float]
     verify_ms: Callable[[int, int], float]
     draft_ms: float = 0.0
+    pass_tokens: int = 0
 
 
 def _linear(base_ms: float, per_token_ms: float) -> Callable[[int, int], float]:
@@ -128,6 +157,12 @@ SCENARIOS = {
     "h200-gemma-b1": Scenario(
         ((1, 1200),), DECAY, lambda b, k: GEMMA4_H200_STEP_MS[b][k]
     ),
+    # The benchmark's Gemma passes at batches 8 then 1 (256 tokens each):
+    # the prefill, two slow first steps, and a tail whose batch-7 steps are
+    # dearer than batch 8's.
+    "h200-gemma-passes": Scenario(
+        ((8, 12), (1, 12)), DECAY, _gemma_pass_ms, pass_tokens=256
+    ),
 }
 # (noise, phase): uniform noise of +-noise per step; "1.8x64": every other
 # stretch of 64 steps 1.8x slower (a drift that slows every K alike);
@@ -150,6 +185,9 @@ STRETCH_SLOW = (1.25, 1.35)
 # recorded step time over its median, step after step, from an offset that
 # depends on the seed.
 REPLAY_OFFSET = 97
+# Benchmark passes (``Scenario.pass_tokens``) carry their own slow steps
+# (pass starts, tails): noise alone on top.
+PASS_REGIMES = ((0.0, "none"), (0.05, "none"), (0.1, "none"))
 
 
 def replay_factors(
@@ -255,6 +293,71 @@ def run(
     return rates
 
 
+def run_passes(
+    policy: Any, scenario: Scenario, seed: int, noise: float
+) -> dict[int, float]:
+    """Output tokens per simulated second of each stage of benchmark passes:
+    every request of a pass prefills in one step (no cost sample), then
+    decodes until it has ``pass_tokens`` tokens and leaves, so a pass ends
+    in a tail of smaller batches; its first PASS_START_STEPS decode steps
+    cost PASS_START_SLOW times more. The engine idles between passes, and
+    the idle time is not counted. Steps cost ``verify_ms`` at the exact
+    batch, times a uniform noise of +-``noise``. Each stage's first pass is
+    the benchmark's warm-up: run, not timed."""
+    fixed = isinstance(policy, int)
+    rng, noise_rng = random.Random(seed), random.Random(seed + 100)
+    survival = _survival(scenario.conditional)
+    clock, k, rates = 0.0, 0, {}
+    for batch, passes in scenario.stages:
+        busy = 0.0
+        for i in range(1 + passes):
+            if i == 1:
+                busy = 0.0  # the warm-up pass is over
+            clock += 10.0  # the idle gap between passes
+            if not fixed:
+                policy.clock.idle()
+            made = {f"r{i}": 1 for i in range(batch)}  # the prefill's token
+            k = policy if fixed else policy[batch]
+            clock += PREFILL_MS / 1e3
+            busy += PREFILL_MS / 1e3
+            if not fixed:
+                policy.observe_step_output(dict.fromkeys(made, 128), {}, k, clock)
+            step = 0
+            while made:
+                k_next = policy if fixed else policy[len(made)]
+                slow = PASS_START_SLOW if step < PASS_START_STEPS else 1.0
+                jitter = 1.0 + noise_rng.uniform(-noise, noise)
+                seconds = scenario.verify_ms(len(made), k) / 1e3 * slow * jitter
+                clock += seconds
+                busy += seconds
+                scheduled = dict.fromkeys(made, 1 + k)
+                for r in list(made):
+                    accepted = _accepted(rng.random(), survival, k)
+                    made[r] += 1 + accepted
+                    if not fixed:
+                        policy.observe_request(k, accepted)
+                if not fixed:
+                    drafts = {r: [-1] * k for r in scheduled} if k else {}
+                    policy.observe_step_output(scheduled, drafts, k_next, clock)
+                made = {r: n for r, n in made.items() if n < scenario.pass_tokens}
+                k, step = k_next, step + 1
+        rates[batch] = passes * batch * scenario.pass_tokens / busy
+    return rates
+
+
+def _run_one(
+    policy: Any,
+    scenario: Scenario,
+    seed: int,
+    noise: float,
+    phase: str,
+    replay: dict[int, list[float]] | None,
+) -> dict[int, float]:
+    if scenario.pass_tokens:
+        return run_passes(policy, scenario, seed, noise)
+    return run(policy, scenario, seed, noise, phase, replay)
+
+
 def load_policy(ref: str | None) -> ModuleType:
     """``vllm_dflash.adaptive`` of this checkout, or of git ``ref``."""
     if ref is None:
@@ -283,6 +386,10 @@ def simulate(
     for name in names:
         scenario = SCENARIOS[name]
         regimes: tuple[tuple[float, str], ...] = REGIMES
+        if scenario.pass_tokens:
+            if replay is not None:
+                continue
+            regimes = PASS_REGIMES
         if replay is not None:
             if not all(batch in replay for batch, _ in scenario.stages):
                 continue
@@ -290,12 +397,15 @@ def simulate(
         for noise, phase in regimes:
             ratios: dict[tuple[str, int], list[float]] = {}
             best_k: dict[int, int] = {}
+
             for seed in range(seeds):
-                fixed = {k: run(k, scenario, seed, noise, phase, replay) for k in KS}
+                fixed = {
+                    k: _run_one(k, scenario, seed, noise, phase, replay) for k in KS
+                }
                 for batch, _ in scenario.stages:
                     best_k[batch] = max(KS, key=lambda k: fixed[k][batch])
                 for label, module in policies.items():
-                    got = run(
+                    got = _run_one(
                         module.AdaptiveDraftLength(15),
                         scenario,
                         seed,
@@ -342,7 +452,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = simulate(policies, args.only or list(SCENARIOS), args.seeds, replay)
     for r in rows:
         print(
-            f"{r['scenario']:20s} noise {r['noise']:.1f} {r['phase']:6s} "
+            f"{r['scenario']:20s} noise {r['noise']:.2f} {r['phase']:6s} "
             f"batch {r['batch']:3d} best K {r['best_fixed_k']:2d}  "
             f"{r['policy']:>10s}: mean {r['mean']:.3f} worst {r['worst']:.3f}"
         )

@@ -1100,3 +1100,32 @@ def test_the_simulation_replays_a_recorded_engines_steps(
         base = script.run(k, scenario, 0, 0.0, "none")[8]
         got = script.run(k, scenario, 0, 0.0, "replay", slow)[8]
         assert base / got == pytest.approx((10 + 15 * 1.3) / 25, rel=1e-3)
+
+
+def test_the_simulated_benchmark_passes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The "h200-gemma-passes" scenario runs the benchmark's passes: a
+    prefill, then decode steps until every request has 256 tokens, the
+    batch shrinking in the tail (batch 7 dearer than 8, as on the H200), the
+    first two steps slower. Every engine makes the same tokens; with the
+    eleventh session's rules adaptive's worst seed stays within 4% of the
+    best fixed K (K 15) at batches 8 and 1."""
+    script = _simulation_script(monkeypatch)
+    scenario = script.SCENARIOS["h200-gemma-passes"]
+    assert script._gemma_pass_ms(7, 15) > script._gemma_pass_ms(8, 15)
+    fixed = {k: script.run_passes(k, scenario, 0, 0.0) for k in (7, 15)}
+    assert fixed[15][8] > fixed[7][8] and fixed[15][1] > fixed[7][1]
+    # A timed pass where no draft is accepted: the prefill's token, then 255
+    # steps of 1 ms, the first two PASS_START_SLOW times dearer.
+    none_accepted = script.Scenario(
+        ((8, 1),), [0.0] * 15, lambda b, k: 1.0, pass_tokens=256
+    )
+    seconds = script.PREFILL_MS / 1e3 + 1e-3 * (255 + 2 * (script.PASS_START_SLOW - 1))
+    assert script.run_passes(15, none_accepted, 0, 0.0) == {
+        8: pytest.approx(8 * 256 / seconds)
+    }
+    rows = script.simulate({"this": adaptive}, ["h200-gemma-passes"], seeds=4)
+    assert {(r["noise"], r["batch"]) for r in rows} == {
+        (noise, batch) for noise, _ in script.PASS_REGIMES for batch in (8, 1)
+    }
+    for r in rows:
+        assert r["best_fixed_k"] == 15 and r["worst"] >= 0.96, r
