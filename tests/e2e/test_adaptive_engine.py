@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.adaptive_probe import SCRIPT
+from vllm_dflash import adaptive
 
 pytestmark = pytest.mark.e2e
 
@@ -54,13 +55,18 @@ def test_a_three_step_switch_gives_two_samples(
         assert out["drafts"] == [decisions[i]], (i, out, decisions)
         assert out["next_k"] == decisions[i + 1], (i, out, decisions)
         assert out["tokens"] == [1 + decisions[i]], (i, out)
-    # Timed exactly where the step verified and drafted one K. The switch to
-    # K 7 (decisions 8-10): the step drafting for it verified K 3, the step
-    # switching back verified K 7, and the two between are timed; the first
-    # of them is K 7's first step, no sample (a shape's first run pays
-    # one-off costs).
+    # Timed exactly where the step verified and drafted one K, past the
+    # YOUNG_STEPS outputs after the request's prefill (the whole batch had
+    # just joined). The switch to K 7 (decisions 8-10): the step drafting for
+    # it verified K 3, the step switching back verified K 7, and the two
+    # between are timed; the first of them is K 7's first step, no sample (a
+    # shape's first run pays one-off costs).
     timed = [o["timed"] for o in decode]
-    assert timed == [o["drafts"] == [o["next_k"]] for o in decode], decode
+    expected = [
+        i >= adaptive.YOUNG_STEPS and o["drafts"] == [o["next_k"]]
+        for i, o in enumerate(decode)
+    ]
+    assert timed == expected, decode
     k7 = [o for o in decode if o["drafts"] == [7]]
     assert [o["next_k"] for o in k7] == [7, 7, 3]
     assert [o["timed"] for o in k7] == [True, True, False]
