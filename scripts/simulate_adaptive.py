@@ -310,8 +310,8 @@ def run_passes(
     clock, k, rates = 0.0, 0, {}
     for batch, passes in scenario.stages:
         busy = 0.0
-        for i in range(1 + passes):
-            if i == 1:
+        for pass_index in range(1 + passes):
+            if pass_index == 1:
                 busy = 0.0  # the warm-up pass is over
             clock += 10.0  # the idle gap between passes
             if not fixed:
@@ -397,7 +397,6 @@ def simulate(
         for noise, phase in regimes:
             ratios: dict[tuple[str, int], list[float]] = {}
             best_k: dict[int, int] = {}
-
             for seed in range(seeds):
                 fixed = {
                     k: _run_one(k, scenario, seed, noise, phase, replay) for k in KS

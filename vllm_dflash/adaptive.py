@@ -324,11 +324,17 @@ Key = tuple[int, int]  # (batch bucket, K)
 Sample = tuple[int, float]  # (batch, seconds) of a bucket's level
 
 
-def _level_at(steps: list[Sample], batch: int, n: int) -> float:
-    """The median of the last ``n`` level samples at ``batch``, or (where
-    none is) of the last ``n`` at any batch."""
-    same = [s for b, s in steps if b == batch][-n:]
-    return statistics.median(same or [s for _, s in steps][-n:])
+def _level_around(
+    before: list[Sample], after: list[Sample], batch: int, n: int
+) -> float:
+    """The median of the last ``n`` level samples ``before`` a measurement at
+    ``batch`` and the first ``n`` ``after`` it, those at its batch; where
+    none is, those at any batch."""
+    same = [s for b, s in before if b == batch][-n:]
+    same += [s for b, s in after if b == batch][:n]
+    if not same:
+        same = [s for _, s in before][-n:] + [s for _, s in after][:n]
+    return statistics.median(same)
 
 
 @dataclass
@@ -375,10 +381,9 @@ class StepCost:
     recent: dict[Key, deque[float]] = field(default_factory=dict)
     # Per measured key: its cost over its bucket's level.
     relative: dict[Key, float] = field(default_factory=dict)
-    # Per batch bucket: recent steps' seconds over their key's relative cost.
-    level: dict[int, deque[float]] = field(default_factory=dict)
-    # Per batch bucket: the batch of each of its level samples.
-    level_batch: dict[int, deque[int]] = field(default_factory=dict)
+    # Per batch bucket: recent steps as (batch, seconds over their key's
+    # relative cost).
+    level: dict[int, deque[Sample]] = field(default_factory=dict)
     # Per key just measured: the median of its samples, the batch of its last
     # sample, and the bucket's level samples (batch, seconds) before it (the
     # last WINDOW) and since (until ``_bracket_level`` has enough).
@@ -423,12 +428,12 @@ class StepCost:
         """A sample of a key being measured at ``batch``: with ``min_samples``
         of them, its cost over the level of the bucket's steps just before
         (``_step`` brackets it with the steps after), those at this batch
-        where there are any (``_level_at``)."""
+        where there are any (``_level_around``)."""
         if len(samples) < self.min_samples:
             return
         own = statistics.median(samples)
-        before = list(zip(self.level_batch[key[0]], self.level[key[0]], strict=True))
-        level = _level_at(before, batch, self.min_samples)
+        before = list(self.level[key[0]])
+        level = _level_around(before, [], batch, self.min_samples)
         self._set_relative(key, own, level, bracketed=False)
         self._bracket[key] = (own, batch, before, [])
 
@@ -458,8 +463,7 @@ class StepCost:
         the level: it moves its bucket's level and completes the brackets of
         the keys measured before it. A key's own steps say nothing about the
         level around its measurement: they drop its bracket."""
-        self.level[key[0]].append(level_s)
-        self.level_batch.setdefault(key[0], deque(maxlen=WINDOW)).append(batch)
+        self.level[key[0]].append((batch, level_s))
         self._bracket.pop(key, None)
         self._earlier.pop(key, None)
         for other, (own, at, before, after) in list(self._bracket.items()):
@@ -476,10 +480,8 @@ class StepCost:
         self, batch: int, before: list[Sample], after: list[Sample]
     ) -> float | None:
         """The level a key measured at ``batch`` is divided by once the steps
-        after it have come in: the median of the last ``min_samples`` steps
-        before and the first ``min_samples`` after, those at its batch; None
-        until ``min_samples`` after it are at its batch or WINDOW are at any.
-        With none at its batch, the steps at any batch.
+        after it have come in (``_level_around``); None until ``min_samples``
+        after it are at its batch or WINDOW are at any.
 
         Batches of one bucket can cost differently at one K, and not alike at
         every K: on the H200 (Gemma 4, V2 runner) batch 7 at K 15 took 10.2
@@ -489,13 +491,9 @@ class StepCost:
         its steps, 0.95-0.99x of fixed K 15 (docs/adaptive.md, Measured,
         tenth and eleventh sessions)."""
         n = self.min_samples
-        same_after = [s for b, s in after if b == batch]
-        if len(same_after) < n and len(after) < WINDOW:
+        if sum(b == batch for b, _ in after) < n and len(after) < WINDOW:
             return None
-        same = [s for b, s in before if b == batch][-n:] + same_after[:n]
-        if not same:
-            same = [s for _, s in before][-n:] + [s for _, s in after][:n]
-        return statistics.median(same)
+        return _level_around(before, after, batch, n)
 
     def forget(self, batch: int, k: int) -> None:
         """Drop a key's samples and relative cost before it is re-measured:
@@ -524,7 +522,9 @@ class StepCost:
         """Each key's seconds now, before the caps: its relative cost times
         its bucket's level, or (while it is being measured, or where samples
         were set directly) its samples' median."""
-        levels = {b: statistics.median(v) for b, v in self.level.items() if v}
+        levels = {
+            b: statistics.median(s for _, s in v) for b, v in self.level.items() if v
+        }
         current = {}
         for key, samples in self.recent.items():
             relative, level = self.relative.get(key), levels.get(key[0])
@@ -657,7 +657,7 @@ class AdaptiveDraftLength:
         # waited for its bracket.
         self._challenger: dict[int, tuple[int, bool, int]] = {}
         self.clock = StepClock()
-        # Requests that prefilled in each of the last YOUNG_STEPS outputs.
+        # Per output of the last YOUNG_STEPS: its requests that prefilled.
         self._joined: deque[int] = deque(maxlen=YOUNG_STEPS)
 
     # -- the decision -----------------------------------------------------
@@ -909,20 +909,21 @@ class AdaptiveDraftLength:
         """
         ks = {len(scheduled_drafts.get(r, ())) for r in num_scheduled_tokens}
         seconds = self.clock.tick(now, len(num_scheduled_tokens), max(ks, default=0))
-        young = sum(self._joined)
-        self._joined.append(
-            sum(
-                n != 1 + len(scheduled_drafts.get(r, ()))
-                for r, n in num_scheduled_tokens.items()
-            )
+        # Requests that did not run 1 + their drafts: a prefill, or a request
+        # clipped at max_model_len.
+        irregular = sum(
+            n != 1 + len(scheduled_drafts.get(r, ()))
+            for r, n in num_scheduled_tokens.items()
         )
-        if seconds is None or len(ks) != 1 or 2 * young >= len(num_scheduled_tokens):
+        young = sum(self._joined)
+        self._joined.append(irregular)
+        if seconds is None or len(ks) != 1 or irregular:
+            return
+        if 2 * young >= len(num_scheduled_tokens):
             return
         (k,) = ks
         if k not in self.ks or (next_k is not None and next_k != k):
             return
-        if any(n != 1 + k for n in num_scheduled_tokens.values()):
-            return  # a prefill or a request clipped at max_model_len
         self.cost.observe(len(num_scheduled_tokens), k, seconds, self.steps)
 
     def steps_per_k(self) -> dict[int, int]:
