@@ -1103,3 +1103,75 @@ def test_a_kv_cache_failure_of_interleaved_engines_names_the_fix() -> None:
     assert "each of 3 engines" in hint and "fewer --modes" in hint
     assert bench._failure_hint(log, 1.0) == ""
     assert bench._failure_hint("RuntimeError: CUDA error", 0.5) == ""
+
+
+def _k_step_median(row: dict[str, Any], batch: int, k: int) -> float:
+    """The median of a row's logged steps at exactly ``batch`` and ``k``."""
+    return statistics.median(
+        ms
+        for clock in row["pass_clock"]
+        for _, b, kk, ms in clock["log"]
+        if b == batch and kk == k
+    )
+
+
+def test_gemma_controls_and_recheck_read_as_documented() -> None:
+    """docs/adaptive.md, Measured, twelfth session: two fixed K 15 engines,
+    the dynamic-K path held at K 15 against fixed K 15 (same step, 6% apart
+    in tok/s), adaptive against fixed K 15 at batches 64, 8 and 1, and
+    fixed K 7 against K 15 at batches 64 and 32 (fixed K 15 at batch 64
+    13% apart between two runs on the same outputs)."""
+    folder = Path(__file__).parents[2] / "docs/benchmarks"
+
+    def load(name: str) -> tuple[dict[str, Any], dict[tuple[str, int], Any]]:
+        data = json.loads((folder / f"gemma4-26b-a4b-h200-{name}.json").read_text())
+        return data, {(r["mode"], r["batch"]): r for r in data["rows"]}
+
+    _, two = load("control-two-k15-engines-b8")
+    a, b = two["plugin", 8], two["plugin-k15", 8]
+    assert a["tok_per_s"] / b["tok_per_s"] == pytest.approx(1.023, abs=5e-4)
+    assert (_k_step_median(a, 8, 15), _k_step_median(b, 8, 15)) == pytest.approx(
+        (7.521, 7.577), abs=5e-4
+    )
+    _, dyn = load("control-dynamic-k15-b8")
+    d, f = dyn["dynamic-k15", 8], dyn["plugin", 8]
+    assert d["tok_per_s"] / f["tok_per_s"] == pytest.approx(1.063, abs=5e-4)
+    assert _k_step_median(d, 8, 15) == pytest.approx(_k_step_median(f, 8, 15), abs=2e-3)
+    for x, y in zip(d["pass_clock"], f["pass_clock"], strict=True):
+        assert abs(x["steps"] - y["steps"]) <= 1
+
+    recheck, rows = load("rounds-recheck-k15-b64-b8-b1")
+    documented = {1: [0.967, 0.960], 8: [1.039, 0.984], 64: [0.920, 0.943]}
+    for s in recheck["summary"]:
+        by_round = s["adaptive_vs_best_fixed_paired_by_round"]
+        assert by_round == pytest.approx(documented[s["batch"]], abs=5e-4)
+    b1 = rows["adaptive", 1]
+    k7 = [sum(1 for *_, k, _ms in c["log"] if k == 7) for c in b1["pass_clock"]]
+    assert k7 == [0, 4, 0, 4, 0, 5, 4, 0, 2, 53]
+    assert round(b1["pass_tok_per_s"][-1]) == 597
+    assert round(rows["plugin", 1]["pass_tok_per_s"][-1]) == 759
+    ks = {
+        k: sum(
+            1
+            for c in rows["adaptive", 64]["pass_clock"]
+            for *_, kk, _ in c["log"]
+            if kk == k
+        )
+        for k in (3, 7, 15)
+    }
+    assert ks == {3: 89, 7: 576, 15: 118}
+
+    _, k7_run = load("k7-against-k15-b64-b32")
+    for batch, ratio in ((64, 1.140), (32, 1.173)):
+        got = (
+            k7_run["plugin-k7", batch]["tok_per_s"]
+            / k7_run["plugin", batch]["tok_per_s"]
+        )
+        assert got == pytest.approx(ratio, abs=5e-4)
+    here, there = k7_run["plugin", 64], rows["plugin", 64]
+    assert here["pass_output_digest"] == there["pass_output_digest"][:5]
+    assert there["tok_per_s"] / here["tok_per_s"] == pytest.approx(1.128, abs=5e-4)
+    assert (_k_step_median(here, 64, 15), _k_step_median(there, 64, 15)) == (
+        pytest.approx(28.249, abs=1e-3),
+        pytest.approx(25.727, abs=1e-3),
+    )
