@@ -17,6 +17,8 @@ policy and the fixed K alike.
     python scripts/simulate_adaptive.py --only h200-qwen3-8b-order --seeds 16
     python scripts/simulate_adaptive.py --only h200-gemma-b8 \
         --replay docs/benchmarks/RUN.json   # a run taken with --step-log
+    python scripts/simulate_adaptive.py --only h200-gemma-passes \
+        --replay-passes docs/benchmarks/RUN.json   # its passes, one by one
 """
 
 from __future__ import annotations
@@ -186,8 +188,18 @@ STRETCH_SLOW = (1.25, 1.35)
 # depends on the seed.
 REPLAY_OFFSET = 97
 # Benchmark passes (``Scenario.pass_tokens``) carry their own slow steps
-# (pass starts, tails): noise alone on top.
-PASS_REGIMES = ((0.0, "none"), (0.05, "none"), (0.1, "none"))
+# (pass starts, tails): noise on top, and in "passes" a level of each pass:
+# every step of it slowed by a factor drawn once per pass, uniform within
+# +-PASS_LEVEL_SPREAD. On the H200 (Gemma 4, twelfth session) a fixed K 15
+# engine's pass medians spread 0.93-1.16x of their median at batch 1 and
+# 0.91-1.18x at batch 8 in runs of three batch sizes.
+PASS_REGIMES = ((0.0, "none"), (0.05, "none"), (0.1, "none"), (0.05, "passes"))
+PASS_LEVEL_SPREAD = 0.08
+# "replay" of passes (``--replay-passes``): every simulated pass takes the
+# step times of one recorded pass (``pass_series``), chosen by the seed, and
+# runs them in order, cycling where the policy takes more steps than the
+# recording had.
+MIN_REPLAY_STEPS = 20
 
 
 def replay_factors(
@@ -213,6 +225,37 @@ def replay_factors(
             median = statistics.median(ms)
             factors[row["batch"]] = [m / median for m in ms]
     return factors
+
+
+def pass_series(
+    bench: dict[str, Any], scenario: Scenario, mode: str = "plugin"
+) -> dict[int, list[list[float]]]:
+    """Per batch, each of ``mode``'s recorded passes (a ``--step-log`` run)
+    as the series of its steps at that batch, in ms, each over its K's cost
+    relative to K 15 in ``scenario`` (so a series reads as K 15 steps):
+    how one real pass moved from its first decode step to its last, slow
+    starts and slow passes included; rows of the scenario's stage batches
+    only. The pass's last output is left out (an output that reports late
+    leaves it a short interval: 1.0-1.8 ms among Gemma batch 1's 6 ms), and
+    so are passes of fewer than ``MIN_REPLAY_STEPS`` such steps."""
+    series: dict[int, list[list[float]]] = {}
+    batches = {batch for batch, _ in scenario.stages}
+    for row in bench["rows"]:
+        if row["mode"] != mode or row.get("output_len") != bench["meta"]["output_len"]:
+            continue
+        batch = row["batch"]
+        if batch not in batches:
+            continue
+        k15 = scenario.verify_ms(batch, 15)
+        for clock in row["pass_clock"]:
+            steps = [
+                entry[3] * k15 / scenario.verify_ms(batch, entry[2])
+                for entry in clock.get("log", [])
+                if entry[1] == batch
+            ][:-1]
+            if len(steps) >= MIN_REPLAY_STEPS:
+                series.setdefault(batch, []).append(steps)
+    return series
 
 
 def _survival(conditional: list[float]) -> list[float]:
@@ -294,7 +337,12 @@ def run(
 
 
 def run_passes(
-    policy: Any, scenario: Scenario, seed: int, noise: float
+    policy: Any,
+    scenario: Scenario,
+    seed: int,
+    noise: float,
+    phase: str = "none",
+    recorded: dict[int, list[list[float]]] | None = None,
 ) -> dict[int, float]:
     """Output tokens per simulated second of each stage of benchmark passes:
     every request of a pass prefills in one step (no cost sample), then
@@ -302,10 +350,16 @@ def run_passes(
     in a tail of smaller batches; its first PASS_START_STEPS decode steps
     cost PASS_START_SLOW times more. The engine idles between passes, and
     the idle time is not counted. Steps cost ``verify_ms`` at the exact
-    batch, times a uniform noise of +-``noise``. Each stage's first pass is
-    the benchmark's warm-up: run, not timed."""
+    batch, times a uniform noise of +-``noise`` and, in phase "passes", the
+    pass's level (``PASS_LEVEL_SPREAD``). With ``recorded`` (phase
+    "replay", ``pass_series``) a step costs its recorded pass's step instead,
+    times its K's cost relative to K 15 (and, in the tail, its batch's
+    relative to the stage's), with no slow start or noise added: the
+    recording has its own. Each stage's first pass is the benchmark's
+    warm-up: run, not timed."""
     fixed = isinstance(policy, int)
     rng, noise_rng = random.Random(seed), random.Random(seed + 100)
+    level_rng = random.Random(seed + 200)
     survival = _survival(scenario.conditional)
     clock, k, rates = 0.0, 0, {}
     for batch, passes in scenario.stages:
@@ -314,6 +368,13 @@ def run_passes(
             if pass_index == 1:
                 busy = 0.0  # the warm-up pass is over
             clock += 10.0  # the idle gap between passes
+            level = 1.0
+            if phase == "passes":
+                level += level_rng.uniform(-PASS_LEVEL_SPREAD, PASS_LEVEL_SPREAD)
+            series = None
+            if recorded is not None:
+                passes_at = recorded[batch]
+                series = passes_at[(seed * REPLAY_OFFSET + pass_index) % len(passes_at)]
             if not fixed:
                 policy.clock.idle()
             made = {f"r{i}": 1 for i in range(batch)}  # the prefill's token
@@ -325,9 +386,13 @@ def run_passes(
             step = 0
             while made:
                 k_next = policy if fixed else policy[len(made)]
-                slow = PASS_START_SLOW if step < PASS_START_STEPS else 1.0
-                jitter = 1.0 + noise_rng.uniform(-noise, noise)
-                seconds = scenario.verify_ms(len(made), k) / 1e3 * slow * jitter
+                ms = scenario.verify_ms(len(made), k)
+                if series is not None:
+                    ms *= series[step % len(series)] / scenario.verify_ms(batch, 15)
+                else:
+                    slow = PASS_START_SLOW if step < PASS_START_STEPS else 1.0
+                    ms *= slow * (1.0 + noise_rng.uniform(-noise, noise)) * level
+                seconds = ms / 1e3
                 clock += seconds
                 busy += seconds
                 scheduled = dict.fromkeys(made, 1 + k)
@@ -352,9 +417,10 @@ def _run_one(
     noise: float,
     phase: str,
     replay: dict[int, list[float]] | None,
+    recorded: dict[int, list[list[float]]] | None = None,
 ) -> dict[int, float]:
     if scenario.pass_tokens:
-        return run_passes(policy, scenario, seed, noise)
+        return run_passes(policy, scenario, seed, noise, phase, recorded)
     return run(policy, scenario, seed, noise, phase, replay)
 
 
@@ -377,16 +443,33 @@ def simulate(
     names: list[str],
     seeds: int,
     replay: dict[int, list[float]] | None = None,
+    pass_runs: list[dict[str, Any]] | None = None,
+    replay_mode: str = "plugin",
 ) -> list[dict[str, Any]]:
     """One row per (scenario, regime, stage batch, policy): the mean and the
     worst over seeds of the policy's rate over the best fixed K's. With
     ``replay``, the regimes are "replay" alone, for scenarios whose every
-    stage's batch it has."""
+    stage's batch it has; with ``pass_runs`` (``--step-log`` runs), "replay"
+    alone for the pass scenarios whose every stage's batch has passes of
+    ``replay_mode`` in them (``pass_series``)."""
     rows = []
     for name in names:
         scenario = SCENARIOS[name]
         regimes: tuple[tuple[float, str], ...] = REGIMES
-        if scenario.pass_tokens:
+        recorded = None
+        if pass_runs is not None:
+            if not scenario.pass_tokens:
+                continue
+            recorded = {}
+            for run_json in pass_runs:
+                for batch, series in pass_series(
+                    run_json, scenario, replay_mode
+                ).items():
+                    recorded.setdefault(batch, []).extend(series)
+            if not all(batch in recorded for batch, _ in scenario.stages):
+                continue
+            regimes = ((0.0, "replay"),)
+        elif scenario.pass_tokens:
             if replay is not None:
                 continue
             regimes = PASS_REGIMES
@@ -399,7 +482,8 @@ def simulate(
             best_k: dict[int, int] = {}
             for seed in range(seeds):
                 fixed = {
-                    k: _run_one(k, scenario, seed, noise, phase, replay) for k in KS
+                    k: _run_one(k, scenario, seed, noise, phase, replay, recorded)
+                    for k in KS
                 }
                 for batch, _ in scenario.stages:
                     best_k[batch] = max(KS, key=lambda k: fixed[k][batch])
@@ -411,6 +495,7 @@ def simulate(
                         noise,
                         phase,
                         replay,
+                        recorded,
                     )
                     for batch, rate in got.items():
                         best = fixed[best_k[batch]][batch]
@@ -437,6 +522,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="a vllm-dflash bench --step-log run: slow every step "
                    "as its fixed-K engine's recorded steps (the 'replay' "
                    "regime, alone) in the scenarios whose batches it has")  # fmt: skip
+    p.add_argument("--replay-passes", type=Path, action="append",
+                   metavar="BENCH_JSON",
+                   help="--step-log runs: every simulated pass of the pass "
+                   "scenarios takes one recorded pass's steps (the 'replay' "
+                   "regime, alone); repeat to pool runs")  # fmt: skip
     p.add_argument("--replay-mode", default="plugin",
                    help="the run's fixed-K mode whose steps are replayed")  # fmt: skip
     args = p.parse_args(argv)
@@ -448,7 +538,15 @@ def main(argv: list[str] | None = None) -> int:
         if not replay:
             p.error(f"--replay {args.replay}: no {args.replay_mode} row has a step "
                     "log (take the run with --step-log)")  # fmt: skip
-    rows = simulate(policies, args.only or list(SCENARIOS), args.seeds, replay)
+    pass_runs = None
+    if args.replay_passes:
+        if args.replay:
+            p.error("--replay and --replay-passes: one at a time")
+        pass_runs = [json.loads(path.read_text()) for path in args.replay_passes]
+    rows = simulate(
+        policies, args.only or list(SCENARIOS), args.seeds, replay, pass_runs,
+        args.replay_mode,
+    )  # fmt: skip
     for r in rows:
         print(
             f"{r['scenario']:20s} noise {r['noise']:.2f} {r['phase']:6s} "

@@ -1129,3 +1129,103 @@ def test_the_simulated_benchmark_passes(monkeypatch: pytest.MonkeyPatch) -> None
     }
     for r in rows:
         assert r["best_fixed_k"] == 15 and r["worst"] >= 0.96, r
+
+
+def test_the_passes_regime_slows_each_pass_by_one_level(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Phase "passes": every decode step of a pass is slowed by one factor
+    drawn for that pass (the H200's pass medians spread 0.91-1.18x), the
+    prefill is not, and every engine of a seed meets the same factors."""
+    script = _simulation_script(monkeypatch)
+    none_accepted = script.Scenario(
+        ((8, 3),), [0.0] * 15, lambda b, k: 1.0, pass_tokens=256
+    )
+    rng = random.Random(5 + 200)
+    levels = [
+        1.0 + rng.uniform(-script.PASS_LEVEL_SPREAD, script.PASS_LEVEL_SPREAD)
+        for _ in range(4)
+    ]
+    assert len({round(x, 6) for x in levels}) == 4
+    decode_ms = 255 + 2 * (script.PASS_START_SLOW - 1)
+    # The warm-up pass (levels[0]) is run, not timed.
+    seconds = sum(script.PREFILL_MS + decode_ms * level for level in levels[1:]) / 1e3
+    for k in (7, 15):
+        got = script.run_passes(k, none_accepted, 5, 0.0, "passes")
+        assert got == {8: pytest.approx(3 * 8 * 256 / seconds)}
+
+
+def test_replayed_passes_run_each_recorded_pass_step_by_step(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``--replay-passes``: a recorded pass becomes the series of its steps
+    at the row's batch, each read as a K 15 step (K 7's over K 7's relative
+    cost), less its last output (a late report leaves it a short interval)
+    and less passes too short to replay; a simulated pass then costs its
+    recorded pass's steps in order, cycling past its end."""
+    script = _simulation_script(monkeypatch)
+    scenario = script.SCENARIOS["h200-gemma-passes"]
+    n = script.MIN_REPLAY_STEPS
+    k7 = scenario.verify_ms(8, 7) / scenario.verify_ms(8, 15)
+    log = [[i, 8, 15, 5.0] for i in range(n)]
+    log += [[n, 8, 7, 5.0 * k7], [n + 1, 7, 15, 9.0], [n + 2, 8, 15, 1.0]]
+    short = [[i, 8, 15, 4.0] for i in range(n)]
+    row = {"mode": "plugin", "batch": 8, "output_len": 256}
+    bench = {
+        "meta": {"output_len": 256},
+        "rows": [
+            {**row, "pass_clock": [{"log": log}, {"log": short}]},
+            {**row, "mode": "adaptive", "pass_clock": [{"log": log}]},
+            {**row, "batch": 64, "pass_clock": [{"log": log}]},
+        ],
+    }
+    series = script.pass_series(bench, scenario)
+    assert series.keys() == {8} and len(series[8]) == 1
+    assert series[8][0] == pytest.approx([5.0] * (n + 1))
+    # Replayed: a step costs its recorded step; no draft is accepted, so a
+    # pass is the prefill and 255 steps of 2 and 4 ms in turn.
+    flat = script.Scenario(((8, 1),), [0.0] * 15, lambda b, k: 1.0, pass_tokens=256)
+    seconds = (script.PREFILL_MS + 128 * 2.0 + 127 * 4.0) / 1e3
+    got = script.run_passes(15, flat, 0, 0.0, "replay", {8: [[2.0, 4.0]]})
+    assert got == {8: pytest.approx(8 * 256 / seconds)}
+
+
+def test_the_policy_over_recorded_h200_passes_reads_as_documented(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """docs/adaptive.md, Measured, twelfth session: the policy run over the
+    fixed K 15 engines' recorded Gemma passes of six H200 runs (batch 8
+    and 1), 16 seeds. Only pass scenarios replay passes."""
+    script = _simulation_script(monkeypatch)
+    folder = Path(__file__).parents[2] / "docs/benchmarks"
+    runs = [
+        json.loads((folder / f"gemma4-26b-a4b-h200-{name}.json").read_text())
+        for name in REPLAYED_GEMMA_RUNS
+    ]
+    scenario = script.SCENARIOS["h200-gemma-passes"]
+    counts = {1: 0, 8: 0}
+    for run_json in runs:
+        for batch, series in script.pass_series(run_json, scenario).items():
+            counts[batch] += len(series)
+    assert counts == {1: 38, 8: 62}
+    rows = script.simulate(
+        {"this": adaptive}, ["h200-gemma-passes", "b1-high"], 16, pass_runs=runs
+    )
+    got = {r["batch"]: (r["mean"], r["worst"]) for r in rows}
+    assert {(r["scenario"], r["phase"], r["best_fixed_k"]) for r in rows} == {
+        ("h200-gemma-passes", "replay", 15)
+    }
+    assert got == {
+        8: (pytest.approx(0.997, abs=5e-4), pytest.approx(0.974, abs=5e-4)),
+        1: (pytest.approx(0.999, abs=5e-4), pytest.approx(0.960, abs=5e-4)),
+    }
+
+
+REPLAYED_GEMMA_RUNS = (
+    "rounds-recheck-k15-b64-b8-b1",
+    "rounds-young-steps-k15-b8-b1",
+    "rounds-same-batch-k15-b64-b8-b1",
+    "step-log-k15-b64-b8-b1",
+    "control-two-k15-engines-b8",
+    "control-dynamic-k15-b8",
+)
