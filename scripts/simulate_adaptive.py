@@ -198,7 +198,7 @@ PASS_LEVEL_SPREAD = 0.08
 # "replay" of passes (``--replay-passes``): every simulated pass takes the
 # step times of one recorded pass (``pass_series``), chosen by the seed, and
 # runs them in order, cycling where the policy takes more steps than the
-# recording had.
+# recording had. A recorded pass of fewer steps than this is left out.
 MIN_REPLAY_STEPS = 20
 
 
@@ -547,6 +547,10 @@ def main(argv: list[str] | None = None) -> int:
         policies, args.only or list(SCENARIOS), args.seeds, replay, pass_runs,
         args.replay_mode,
     )  # fmt: skip
+    if pass_runs is not None and not rows:
+        p.error("--replay-passes: no pass scenario chosen has passes of "
+                f"{args.replay_mode} at every one of its batches in these "
+                "runs (take them with --step-log)")  # fmt: skip
     for r in rows:
         print(
             f"{r['scenario']:20s} noise {r['noise']:.2f} {r['phase']:6s} "

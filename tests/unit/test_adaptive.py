@@ -1190,6 +1190,23 @@ def test_replayed_passes_run_each_recorded_pass_step_by_step(
     assert got == {8: pytest.approx(8 * 256 / seconds)}
 
 
+def test_replaying_runs_without_the_scenarios_batches_is_an_error(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A run of batches 64 and 32 has no pass for the Gemma passes scenario
+    (batches 8 and 1): the script says so instead of printing nothing."""
+    script = _simulation_script(monkeypatch)
+    run_json = Path(__file__).parents[2] / (
+        "docs/benchmarks/gemma4-26b-a4b-h200-k7-against-k15-b64-b32.json"
+    )
+    argv = ["--only", "h200-gemma-passes", "--replay-passes", str(run_json)]
+    with pytest.raises(SystemExit) as exit_info:
+        script.main(argv)
+    assert exit_info.value.code == 2
+    assert "take them with --step-log" in capsys.readouterr().err
+
+
 def test_the_policy_over_recorded_h200_passes_reads_as_documented(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
