@@ -1369,6 +1369,30 @@ def _backends(args: argparse.Namespace) -> tuple[str | None, str | None]:
     )
 
 
+# Variables that change which kernels an engine compiles or how it tunes
+# them at start: on the H200 two engines of one mode and work differed by
+# up to 13% (Gemma 4, batch 64), and one Inductor kernel was tuned apart
+# between an engine that compiled and one that loaded the compile cache
+# (docs/adaptive.md, Measured). A run records those its engines inherited.
+COMPILE_ENV_PREFIXES = ("TORCHINDUCTOR_",)
+COMPILE_ENV_NAMES = (
+    "VLLM_DISABLE_COMPILE_CACHE",
+    "VLLM_ENABLE_INDUCTOR_MAX_AUTOTUNE",
+    "VLLM_ENABLE_INDUCTOR_COORDINATE_DESCENT_TUNING",
+)
+
+
+def compile_env(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """The variables of ``environ`` (default: this process's, which every
+    engine inherits) that change compiling or kernel tuning, sorted."""
+    environ = dict(os.environ) if environ is None else environ
+    return {
+        name: value
+        for name, value in sorted(environ.items())
+        if name.startswith(COMPILE_ENV_PREFIXES) or name in COMPILE_ENV_NAMES
+    }
+
+
 def _meta(
     args: argparse.Namespace,
     modes: list[Mode],
@@ -1402,6 +1426,7 @@ def _meta(
         "enforce_eager": args.enforce_eager,
         "interleave": args.interleave,
         "rounds": args.rounds,
+        "compile_env": compile_env(),
     }
 
 
@@ -1484,6 +1509,14 @@ def merge_runs(paths: list[Path], out: Path) -> int:
                     f"{first['meta'].get(key)!r}. Merge runs of the same modes "
                     "and settings only (the order of --modes may differ)."
                 )
+        # Runs from before it was recorded read as taken with none set.
+        theirs, ours = (r["meta"].get("compile_env") or {} for r in (run, first))
+        if theirs != ours:
+            raise SystemExit(
+                f"invalid --merge={path}: its engines compiled under {theirs!r}, "
+                f"{first_path}'s under {ours!r}. Merge runs whose engines "
+                "compiled and tuned kernels alike only."
+            )
     rows: list[BenchRow] = []
     long_rows: list[BenchRow] = []
     rounds_before = 0

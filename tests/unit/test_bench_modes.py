@@ -763,6 +763,16 @@ def test_merge_pools_runs_of_the_two_orders(
     argv = ["--merge", str(first), str(other), "--out", str(tmp_path / "x")]
     with pytest.raises(SystemExit, match=r"output_len is 256, .* 100\. Merge runs"):
         bench.bench_command(parser.parse_args(argv))
+    # Engines that compiled under other kernel-tuning variables: refused; a
+    # run from before they were recorded reads as none set.
+    data["meta"]["output_len"] = 100
+    data["meta"]["compile_env"] = {"TORCHINDUCTOR_DETERMINISTIC": "1"}
+    (other / "bench.json").write_text(json.dumps(data))
+    with pytest.raises(SystemExit, match=r"TORCHINDUCTOR_DETERMINISTIC.*\{\}"):
+        bench.bench_command(parser.parse_args(argv))
+    data["meta"]["compile_env"] = {}
+    (other / "bench.json").write_text(json.dumps(data))
+    assert bench.bench_command(parser.parse_args(argv)) == 0
     (tmp_path / "list.json").write_text("[]")
     for bad in ("nowhere", "list.json"):
         argv = ["--merge", str(tmp_path / bad), "--out", str(tmp_path / "x")]
@@ -1175,3 +1185,22 @@ def test_gemma_controls_and_recheck_read_as_documented() -> None:
         pytest.approx(28.249, abs=1e-3),
         pytest.approx(25.727, abs=1e-3),
     )
+
+
+def test_a_run_records_the_variables_that_change_kernel_tuning() -> None:
+    """Engines inherit the bench's environment: the variables that change
+    how they compile or tune kernels go into ``meta.compile_env``, others
+    do not."""
+    environ = {
+        "TORCHINDUCTOR_DETERMINISTIC": "1",
+        "VLLM_DISABLE_COMPILE_CACHE": "1",
+        "VLLM_ENABLE_INDUCTOR_MAX_AUTOTUNE": "0",
+        "VLLM_DFLASH_ADAPTIVE_K": "1",
+        "HOME": "/root",
+    }
+    assert bench.compile_env(environ) == {
+        "TORCHINDUCTOR_DETERMINISTIC": "1",
+        "VLLM_DISABLE_COMPILE_CACHE": "1",
+        "VLLM_ENABLE_INDUCTOR_MAX_AUTOTUNE": "0",
+    }
+    assert bench.compile_env({"PATH": "/bin"}) == {}
