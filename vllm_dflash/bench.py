@@ -1370,10 +1370,11 @@ def _backends(args: argparse.Namespace) -> tuple[str | None, str | None]:
 
 
 # Variables that change which kernels an engine compiles or how it tunes
-# them at start: on the H200 two engines of one mode and work differed by
-# up to 13% (Gemma 4, batch 64), and one Inductor kernel was tuned apart
-# between an engine that compiled and one that loaded the compile cache
-# (docs/adaptive.md, Measured). A run records those its engines inherited.
+# them at start. On the H200 two fixed K 15 engines read 2% apart at Gemma 4
+# batch 8 on the same step time, and 13% at batch 64 on the same outputs
+# (in two runs), and one Inductor kernel was tuned apart between an engine
+# that compiled and one that loaded the compile cache (docs/adaptive.md,
+# Measured). A run records those its engines inherited.
 COMPILE_ENV_PREFIXES = ("TORCHINDUCTOR_",)
 COMPILE_ENV_NAMES = (
     "VLLM_DISABLE_COMPILE_CACHE",
@@ -1514,8 +1515,8 @@ def merge_runs(paths: list[Path], out: Path) -> int:
         if theirs != ours:
             raise SystemExit(
                 f"invalid --merge={path}: its engines compiled under {theirs!r}, "
-                f"{first_path}'s under {ours!r}. Merge runs whose engines "
-                "compiled and tuned kernels alike only."
+                f"{first_path}'s under {ours!r}. Merge only runs whose "
+                "engines compiled and tuned kernels alike."
             )
     rows: list[BenchRow] = []
     long_rows: list[BenchRow] = []
