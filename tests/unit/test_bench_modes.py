@@ -1063,6 +1063,11 @@ def test_gemma_step_log_reads_as_documented() -> None:
     assert tokens[15] / table[1, 15] < tokens[7] / min(table[1, 7], medians[2, 7])
 
 
+def _steps_at(row: dict[str, Any], k: int) -> list[int]:
+    """Per timed pass of a ``--step-log`` row: its logged steps at ``k``."""
+    return [sum(1 for *_, kk, _ms in c["log"] if kk == k) for c in row["pass_clock"]]
+
+
 def test_gemma_rounds_after_the_fixes_read_as_documented() -> None:
     """docs/adaptive.md, Measured, eleventh session, item 2: adaptive over
     fixed K 15, paired, in each round, and batch 8's K 7 steps per pass."""
@@ -1074,8 +1079,7 @@ def test_gemma_rounds_after_the_fixes_read_as_documented() -> None:
         by_round = s["adaptive_vs_best_fixed_paired_by_round"]
         assert by_round == pytest.approx(documented[s["batch"]], abs=5e-4)
     row = next(r for r in data["rows"] if r["mode"] == "adaptive" and r["batch"] == 8)
-    k7 = [sum(1 for *_, k, _ms in c["log"] if k == 7) for c in row["pass_clock"]]
-    assert k7 == [3, 48, 69, 53, 0, 69, 69, 69, 37, 0]
+    assert _steps_at(row, 7) == [3, 48, 69, 53, 0, 69, 69, 69, 37, 0]
 
 
 def test_gemma_rounds_after_the_young_step_rule_read_as_documented() -> None:
@@ -1090,18 +1094,12 @@ def test_gemma_rounds_after_the_young_step_rule_read_as_documented() -> None:
         by_round = s["adaptive_vs_best_fixed_paired_by_round"]
         assert by_round == pytest.approx(documented[s["batch"]], abs=5e-4)
     rows = {(r["mode"], r["batch"]): r for r in data["rows"]}
-
-    def steps_at(row: dict[str, Any], k: int) -> list[int]:
-        return [
-            sum(1 for *_, kk, _ms in c["log"] if kk == k) for c in row["pass_clock"]
-        ]
-
     adaptive_b8, fixed_b8 = rows["adaptive", 8], rows["plugin", 8]
-    assert sum(steps_at(adaptive_b8, 15)) == 758
+    assert sum(_steps_at(adaptive_b8, 15)) == 758
     assert sum(c["steps"] for c in adaptive_b8["pass_clock"]) == 774
     for a, f in zip(adaptive_b8["pass_clock"], fixed_b8["pass_clock"], strict=True):
         assert abs(a["steps"] - f["steps"]) <= 1
-    assert steps_at(rows["adaptive", 1], 7) == [4, 4, 0, 4, 0, 4, 5, 47, 50, 44, 0, 4]
+    assert _steps_at(rows["adaptive", 1], 7) == [4, 4, 0, 4, 0, 4, 5, 47, 50, 44, 0, 4]
 
 
 def test_a_kv_cache_failure_of_interleaved_engines_names_the_fix() -> None:
@@ -1156,19 +1154,10 @@ def test_gemma_controls_and_recheck_read_as_documented() -> None:
         by_round = s["adaptive_vs_best_fixed_paired_by_round"]
         assert by_round == pytest.approx(documented[s["batch"]], abs=5e-4)
     b1 = rows["adaptive", 1]
-    k7 = [sum(1 for *_, k, _ms in c["log"] if k == 7) for c in b1["pass_clock"]]
-    assert k7 == [0, 4, 0, 4, 0, 5, 4, 0, 2, 53]
+    assert _steps_at(b1, 7) == [0, 4, 0, 4, 0, 5, 4, 0, 2, 53]
     assert round(b1["pass_tok_per_s"][-1]) == 597
     assert round(rows["plugin", 1]["pass_tok_per_s"][-1]) == 759
-    ks = {
-        k: sum(
-            1
-            for c in rows["adaptive", 64]["pass_clock"]
-            for *_, kk, _ in c["log"]
-            if kk == k
-        )
-        for k in (3, 7, 15)
-    }
+    ks = {k: sum(_steps_at(rows["adaptive", 64], k)) for k in (3, 7, 15)}
     assert ks == {3: 89, 7: 576, 15: 118}
 
     _, k7_run = load("k7-against-k15-b64-b32")
