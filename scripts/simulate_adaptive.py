@@ -202,6 +202,16 @@ PASS_LEVEL_SPREAD = 0.08
 MIN_REPLAY_STEPS = 20
 
 
+def _logged_rows(bench: dict[str, Any], mode: str) -> list[dict[str, Any]]:
+    """``mode``'s rows of a ``--step-log`` run at its main output length
+    (not the ``--long-output-len`` ones)."""
+    return [
+        row
+        for row in bench["rows"]
+        if row["mode"] == mode and row.get("output_len") == bench["meta"]["output_len"]
+    ]
+
+
 def replay_factors(
     bench: dict[str, Any], mode: str = "plugin"
 ) -> dict[int, list[float]]:
@@ -212,9 +222,7 @@ def replay_factors(
     (on the H200 its stalls gathered there, after the prefill) and steps of
     a smaller batch (requests finished) are left out."""
     factors = {}
-    for row in bench["rows"]:
-        if row["mode"] != mode or row.get("output_len") != bench["meta"]["output_len"]:
-            continue
+    for row in _logged_rows(bench, mode):
         ms = [
             entry[3]
             for clock in row["pass_clock"]
@@ -240,9 +248,7 @@ def pass_series(
     so are passes of fewer than ``MIN_REPLAY_STEPS`` such steps."""
     series: dict[int, list[list[float]]] = {}
     batches = {batch for batch, _ in scenario.stages}
-    for row in bench["rows"]:
-        if row["mode"] != mode or row.get("output_len") != bench["meta"]["output_len"]:
-            continue
+    for row in _logged_rows(bench, mode):
         batch = row["batch"]
         if batch not in batches:
             continue
