@@ -10,6 +10,7 @@ import itertools
 import json
 import math
 import random
+import statistics
 import sys
 from collections import deque
 from collections.abc import Callable
@@ -1247,3 +1248,30 @@ def test_the_policy_over_recorded_h200_passes_reads_as_documented(
         8: (pytest.approx(0.997, abs=5e-4), pytest.approx(0.974, abs=5e-4)),
         1: (pytest.approx(0.999, abs=5e-4), pytest.approx(0.960, abs=5e-4)),
     }
+
+
+def test_the_overhead_script_times_the_policy_against_the_bare_clock(
+    tmp_path: Path,
+) -> None:
+    """``scripts/policy_overhead.py`` (docs/adaptive.md, thirteenth session):
+    a steady decode under the bench's decay profile and a weight-read-bound
+    cost runs K 15 once measured, and the policy's calls cost more than the
+    clock a fixed-K scheduler ticks (the figures themselves are this
+    machine's, not asserted)."""
+    path = Path(__file__).parents[2] / "scripts/policy_overhead.py"
+    spec = importlib.util.spec_from_file_location("policy_overhead", path)
+    assert spec is not None and spec.loader is not None
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = tmp_path / "overhead.json"
+    assert script.main(["--batches", "1,8", "--steps", "600", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["batch"] for r in rows] == [1, 8]
+    for r in rows:
+        steps = r["steps_per_k"]
+        assert sum(steps.values()) == 601  # the first decision, then one a step
+        assert max(steps, key=steps.get) == "15", r
+        assert r["policy_us_per_step"] > r["clock_us_per_step"] > 0
+    rng = script.random.Random(0)
+    mean = statistics.mean(script.accepted(rng, 15) for _ in range(20000))
+    assert mean == pytest.approx(sum(DECAY_RATES), abs=0.05)  # tau 4.78 - 1
