@@ -5,6 +5,7 @@ sizes shared by every mode of a run."""
 from __future__ import annotations
 
 import argparse
+import bisect
 import json
 import math
 import statistics
@@ -1193,3 +1194,90 @@ def test_a_run_records_the_variables_that_change_kernel_tuning() -> None:
         "VLLM_ENABLE_INDUCTOR_MAX_AUTOTUNE": "0",
     }
     assert bench.compile_env({"PATH": "/bin"}) == {}
+
+
+def _steps_by_clock(
+    row: dict[str, Any], samples: list[list[float]], k: int, batch: int
+) -> list[tuple[float, list[float]]]:
+    """Each logged step of ``row`` at ``batch`` and ``k`` with the GPU sample
+    (``[epoch_s, sm_mhz, power_w, util_pct, reasons]``) taken last before
+    it; a step's time is its pass's start plus the intervals logged so far."""
+    times = [s[0] for s in samples]
+    out = []
+    for start, clock in zip(row["pass_start_s"], row["pass_clock"], strict=True):
+        t = start
+        for _, b, kk, ms in clock["log"]:
+            t += ms / 1e3
+            if b == batch and kk == k:
+                out.append((ms, samples[bisect.bisect(times, t) - 1]))
+    return out
+
+
+def test_gemma_thirteenth_session_reads_as_documented() -> None:
+    """docs/adaptive.md, Measured, thirteenth session: adaptive against fixed
+    K 15 at batches 1 and 8 (K 15 nearly always, its step dearer), against
+    fixed K 7 at batch 64, the same outputs of fixed K 7 up to 1.43x apart,
+    and K 7's two step states beside the GPU's clock, power and
+    utilisation."""
+    folder = Path(__file__).parents[2] / "docs/benchmarks"
+
+    def load(name: str) -> tuple[dict[str, Any], dict[tuple[str, int], Any]]:
+        data = json.loads((folder / f"gemma4-26b-a4b-h200-{name}.json").read_text())
+        return data, {(r["mode"], r["batch"]): r for r in data["rows"]}
+
+    third, rows = load("rounds-third-k15-b8-b1")
+    documented = {1: [0.981, 0.986], 8: [0.972, 0.964]}
+    for s in third["summary"]:
+        by_round = s["adaptive_vs_best_fixed_paired_by_round"]
+        assert by_round == pytest.approx(documented[s["batch"]], abs=5e-4)
+    for batch, k15, total, medians in (
+        (1, 527, 547, (5.955, 5.855)),
+        (8, 651, 667, (8.366, 8.049)),
+    ):
+        steps = rows["adaptive", batch]["adaptive"]["steps_per_k"]
+        assert (steps["15"], sum(steps.values())) == (k15, total)
+        got = (
+            _k_step_median(rows["adaptive", batch], batch, 15),
+            _k_step_median(rows["plugin", batch], batch, 15),
+        )
+        assert got == pytest.approx(medians, abs=5e-4)
+
+    k7_run, rows = load("rounds-adaptive-k7-b64")
+    (summary,) = k7_run["summary"]
+    assert summary["adaptive_vs_best_fixed_paired"] == pytest.approx(0.866, abs=5e-4)
+    assert summary["adaptive_vs_best_fixed_paired_by_round"] == pytest.approx(
+        [0.935, 0.801], abs=5e-4
+    )
+    per_batch = rows["adaptive", 64]["adaptive"]["steps_per_batch_k"]
+    assert [per_batch[f"b64/K{k}"] for k in (3, 7, 15)] == [4, 407, 159]
+    fixed = rows["plugin-k7", 64]
+    by_digest: dict[str, list[float]] = {}
+    for digest, rate in zip(
+        fixed["pass_output_digest"], fixed["pass_tok_per_s"], strict=True
+    ):
+        by_digest.setdefault(digest, []).append(rate)
+    assert len(by_digest) == 5 and all(len(v) == 2 for v in by_digest.values())
+    spread = max(max(v) / min(v) for v in by_digest.values())
+    assert spread == pytest.approx(1.431, abs=5e-4)
+
+    _, rows = load("swing-k7-k15-b64")
+    clocks = json.loads(
+        (folder / "gemma4-26b-a4b-h200-swing-k7-k15-b64-gpu-clocks.json").read_text()
+    )["samples"]
+    k7 = _steps_by_clock(rows["plugin-k7", 64], clocks, 7, 64)
+    fast = [(ms, s) for ms, s in k7 if ms < 18]
+    slow = [(ms, s) for ms, s in k7 if ms > 20]
+    assert (len(fast), len(slow), len(k7)) == (120, 283, 425)
+    assert statistics.median(ms for ms, _ in fast) == pytest.approx(15.08, abs=5e-3)
+    assert statistics.median(ms for ms, _ in slow) == pytest.approx(23.38, abs=5e-3)
+    for column, in_fast, in_slow in ((1, 1965, 1980), (2, 581.3, 533.4), (3, 90, 68)):
+        assert statistics.median(s[column] for _, s in fast) == in_fast
+        assert statistics.median(s[column] for _, s in slow) == in_slow
+    capped = [sum(int(s[4]) & 4 > 0 for _, s in g) / len(g) for g in (fast, slow)]
+    assert capped == pytest.approx([0.71, 0.49], abs=5e-3)  # SW power cap
+    k15 = [ms for ms, _ in _steps_by_clock(rows["plugin-k15", 64], clocks, 15, 64)]
+    assert (len(k15), sum(ms < 18 for ms in k15)) == (331, 1)
+    assert statistics.median(k15) == pytest.approx(25.08, abs=5e-3)
+    slow_pass = rows["plugin-k15", 64]
+    assert round(slow_pass["pass_tok_per_s"][4]) == 4591
+    assert slow_pass["pass_clock"][4]["busy_s"] == pytest.approx(1.77, abs=5e-3)
