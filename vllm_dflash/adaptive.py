@@ -354,7 +354,12 @@ class StepCost:
     relative cost; the median of the last WINDOW). A key's estimate is its
     relative cost times the current level, so a drift that slows every K
     alike leaves the choice alone, and the choice between two K rests on
-    steps taken back to back. Where the next ``min_samples`` level samples
+    steps taken back to back. A drift that slows one K and not another is
+    not handled: at Gemma 4 batch 64 K 7's steps move between two states
+    (medians 15.1 and 23.4 ms, same clock, same text) while K 15's stay at
+    25.1, so the better of the two is the state's, and a measurement holds
+    the state it fell in (docs/adaptive.md, Measured, thirteenth session).
+    Where the next ``min_samples`` level samples
     come from other keys (the policy goes back to its best K after
     re-measuring a rival), the relative cost is taken over the level both
     before and after the measurement: a drift in the middle of it then

@@ -135,8 +135,12 @@ def prepare_block_triton(a: BlockInputs) -> None:
 # Triton compiles a new variant for an integer argument equal to 1 or
 # divisible by 16. The batch and the block length change from step to step
 # (adaptive K, requests finishing), and a value first met while serving
-# compiled the kernel mid-request: vLLM's JIT monitor logged a compile of it
-# after warm-up in two H200 benches. Not yet re-run with this.
+# compiled the kernel mid-request. With these three unspecialised, vLLM
+# 0.26's JIT monitor still logs one compile of this kernel per engine, at
+# its first request after warm-up (every engine of the H200 benches of
+# 2026-12-04, fixed K and adaptive alike), and none after it: a one-off
+# latency at the first request. Which argument differs from the warm-up's
+# call is not found yet.
 @triton.jit(do_not_specialize=["num_reqs", "num_reqs_padded", "block_len"])
 def _block_inputs_kernel(
     qsl_ptr,
