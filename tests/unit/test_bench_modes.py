@@ -1213,6 +1213,32 @@ def _steps_by_clock(
     return out
 
 
+def _steady_k15_ratios(
+    adaptive_row: dict[str, Any], fixed_row: dict[str, Any]
+) -> list[float]:
+    """Pass against interleaved pass: the median of adaptive's steady K 15
+    steps (at the row's batch, none within 3 steps of another K) over the
+    fixed engine's; a pass where either has none is left out."""
+
+    def steady(clock: dict[str, Any], batch: int) -> list[float]:
+        out, other = [], -99
+        for i, (_, b, k, ms) in enumerate(clock["log"]):
+            if k != 15:
+                other = i
+            elif b == batch and i - other > 3:
+                out.append(ms)
+        return out
+
+    batch = fixed_row["batch"]
+    pairs = [
+        (steady(a, batch), steady(f, batch))
+        for a, f in zip(
+            adaptive_row["pass_clock"], fixed_row["pass_clock"], strict=True
+        )
+    ]
+    return [statistics.median(a) / statistics.median(f) for a, f in pairs if a and f]
+
+
 def test_gemma_thirteenth_session_reads_as_documented() -> None:
     """docs/adaptive.md, Measured, thirteenth session: adaptive against fixed
     K 15 at batches 1 and 8 (K 15 nearly always, its step dearer), against
@@ -1241,6 +1267,33 @@ def test_gemma_thirteenth_session_reads_as_documented() -> None:
             _k_step_median(rows["plugin", batch], batch, 15),
         )
         assert got == pytest.approx(medians, abs=5e-4)
+    per_pass = {
+        b: statistics.median(_steady_k15_ratios(rows["adaptive", b], rows["plugin", b]))
+        for b in (8, 1)
+    }
+    assert per_pass == {
+        8: pytest.approx(1.004, abs=1e-3),
+        1: pytest.approx(1.006, abs=1e-3),
+    }
+    runs = [
+        load(name)[1]
+        for name in (
+            "rounds-third-k15-b8-b1",
+            "rounds-young-steps-k15-b8-b1",
+            "rounds-same-batch-k15-b64-b8-b1",
+            "rounds-recheck-k15-b64-b8-b1",
+        )
+    ]
+    spread = [
+        ratio
+        for run in runs
+        for b in (8, 1)
+        for ratio in _steady_k15_ratios(run["adaptive", b], run["plugin", b])
+    ]
+    assert (min(spread), max(spread)) == (
+        pytest.approx(0.853, abs=1e-3),
+        pytest.approx(1.213, abs=1e-3),
+    )
 
     k7_run, rows = load("rounds-adaptive-k7-b64")
     (summary,) = k7_run["summary"]
