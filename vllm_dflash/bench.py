@@ -40,6 +40,7 @@ from vllm_dflash.config import DFlashConfigError
 from vllm_dflash.engine import (
     adaptive_snapshot,
     collect_spec_metrics,
+    host_usage,
     keep_step_log,
     runner_version,
     step_clock_snapshot,
@@ -436,6 +437,12 @@ class BenchRow:
     pass_round: list[int] = field(default_factory=list)
     """Each timed pass's round (``--rounds``; 0: first). ``--merge`` numbers
     each run's rounds on from the runs before it."""
+    pass_host: list[dict[str, float]] = field(default_factory=list)
+    """Each timed pass's host usage (``_usage_delta``): CPU seconds and
+    voluntary and involuntary context switches of the engine-core process
+    (``engine_*``) and of the bench's own, the ``LLM`` front end
+    (``front_*``). A pass whose steps ran slow on an idle GPU shows here
+    whether the host did more work, or was kept off its core."""
     spec_counts: list[float] | None = None
     """vLLM's spec-decode counters over the timed passes: drafts (one
     request's drafts in one step), accepted tokens and draft tokens; what
@@ -477,6 +484,7 @@ def merge_rows(a: BenchRow, b: BenchRow) -> BenchRow:
         pass_start_s=a.pass_start_s + b.pass_start_s,
         pass_output_digest=a.pass_output_digest + b.pass_output_digest,
         pass_clock=a.pass_clock + b.pass_clock,
+        pass_host=a.pass_host + b.pass_host,
         pass_start_position=a.pass_start_position + b.pass_start_position,
         pass_round=a.pass_round + b.pass_round,
         spec_counts=counts,
@@ -537,6 +545,18 @@ def output_digest(token_ids: list[list[int]]) -> str:
     draft tokens the target would not have chosen, so only engines drawing
     the same acceptance and drafts agree)."""
     return hashlib.sha256(json.dumps(token_ids).encode()).hexdigest()[:16]
+
+
+def _usage_delta(
+    before: dict[str, dict[str, float]], after: dict[str, dict[str, float]]
+) -> dict[str, float]:
+    """One pass's host usage from ``_Engine._host_usage`` before and after
+    it: ``{process}_{counter}`` for each process and counter."""
+    return {
+        f"{process}_{name}": round(after[process][name] - value, 6)
+        for process, counters in before.items()
+        for name, value in counters.items()
+    }
 
 
 def _clock_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
@@ -625,6 +645,7 @@ class _Engine:
         self._digests: list[str] = []
         self._clock: dict[str, Any] | None = None
         self._pass_clock: list[dict[str, Any]] = []
+        self._pass_host: list[dict[str, float]] = []
         self.last_prompts: Any = None
 
     def _prompts(self, n: int) -> Any:
@@ -659,15 +680,24 @@ class _Engine:
         self._policy_before = self.llm.collective_rpc(adaptive_snapshot)[0]
         self._clock = self.llm.collective_rpc(step_clock_snapshot)[0]
         self._passes, self._pass_starts, self._digests = [], [], []
-        self._pass_clock = []
+        self._pass_clock, self._pass_host = [], []
+
+    def _host_usage(self) -> dict[str, dict[str, float]]:
+        """``host_usage`` of the engine-core process and of this one."""
+        return {
+            "engine": self.llm.collective_rpc(host_usage)[0],
+            "front": host_usage(None),
+        }
 
     def timed_pass(self) -> float:
         """One timed pass of the current batch over fresh prompts; its tok/s."""
         self.last_prompts = self._prompts(self._batch)
+        usage = self._host_usage()
         self._pass_starts.append(time.time())
         tokens, seconds, digest = _timed_generate(
             self.llm, self.last_prompts, self._params(self._output_len)
         )
+        self._pass_host.append(_usage_delta(usage, self._host_usage()))
         self._passes.append((tokens, seconds))
         self._digests.append(digest)
         clock = self.llm.collective_rpc(step_clock_snapshot)[0]
@@ -716,6 +746,7 @@ class _Engine:
             drafts_per_request_step=k_mean,
             pass_output_digest=self._digests,
             pass_clock=self._pass_clock,
+            pass_host=self._pass_host,
             pass_start_position=[self.spec.start_position] * len(rates),
             pass_round=[self.spec.round_index] * len(rates),
             spec_counts=counts,

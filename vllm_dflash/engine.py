@@ -112,6 +112,22 @@ def step_clock_snapshot(worker: Any) -> dict[str, Any] | None:
     return None if clock is None else clock.snapshot()
 
 
+def host_usage(worker: Any) -> dict[str, float]:
+    """The calling process's CPU seconds (user + system) and context
+    switches so far (``getrusage``). Through ``collective_rpc``, the
+    engine-core process's on a single GPU: the scheduler, the runner and the
+    host side of every step. An involuntary switch is the kernel taking the
+    core away (another thread wanted it); a voluntary one, a wait."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return {
+        "cpu_s": usage.ru_utime + usage.ru_stime,
+        "voluntary_cs": usage.ru_nvcsw,
+        "involuntary_cs": usage.ru_nivcsw,
+    }
+
+
 def keep_step_log(worker: Any) -> bool:
     """Make the DFlash scheduler's step clock keep every step's interval
     (``StepClock.keep_log``), through ``collective_rpc`` as

@@ -91,6 +91,16 @@ def test_bench_writes_table_json_and_plot(tmp_path: Path) -> None:
             assert {entry[2] for entry in log} <= (
                 {3} if mode == "plugin-k3" else {0, 1, 3, 7}
             )
+    # Every pass records the host's CPU time and context switches over it;
+    # the engine core runs in this process here (no multiprocessing), so
+    # both readings are this process's, taken a moment apart.
+    for row in rows.values():
+        hosts = row["pass_host"]
+        assert len(hosts) == 2
+        for host in hosts:
+            assert host["engine_cpu_s"] > 0 and host["front_cpu_s"] > 0
+            assert host["engine_cpu_s"] == pytest.approx(host["front_cpu_s"], abs=0.05)
+            assert min(host.values()) >= 0
     assert rows[("plugin-k3", 1)]["adaptive"] is None
     assert rows[("plugin-k3", 1)]["drafts_per_request_step"] == 3.0
     # Every row keeps its untimed full-batch warm-up's rate.

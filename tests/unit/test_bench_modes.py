@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from vllm_dflash import adaptive, bench
+from vllm_dflash import adaptive, bench, engine
 from vllm_dflash.bench import BenchRow, Mode, parse_mode
 from vllm_dflash.config import DFlashConfigError
 
@@ -648,6 +648,7 @@ def test_merge_rows_pools_two_rounds() -> None:
             pass_output_digest=["a", "b"],
             pass_start_position=[0, 0] if rates[0] < 15 else [1, 1],
             pass_round=[0, 0] if rates[0] < 15 else [1, 1],
+            pass_host=[{"engine_cpu_s": 1 / r} for r in rates],
             spec_counts=counts,
         )
 
@@ -663,6 +664,7 @@ def test_merge_rows_pools_two_rounds() -> None:
     assert merged.spec_counts == [40.0, 60.0, 280.0]
     assert merged.pass_start_position == [0, 0, 1, 1]
     assert merged.pass_output_digest == ["a", "b", "a", "b"]
+    assert [h["engine_cpu_s"] for h in merged.pass_host] == [0.1, 1 / 12, 0.05, 1 / 30]
     assert merged.warmup_tok_per_s == 50.0
     assert merged.adaptive is not None
     assert merged.adaptive["steps_per_k"] == {"7": 5, "15": 1}
@@ -1175,6 +1177,30 @@ def test_gemma_controls_and_recheck_read_as_documented() -> None:
         pytest.approx(28.249, abs=1e-3),
         pytest.approx(25.727, abs=1e-3),
     )
+
+
+def test_a_pass_records_each_process_host_usage_over_it() -> None:
+    """``pass_host``: per process and counter, after less before, rounded
+    to the microsecond."""
+    before = {
+        "engine": {"cpu_s": 10.0, "voluntary_cs": 5, "involuntary_cs": 2},
+        "front": {"cpu_s": 3.0, "voluntary_cs": 1, "involuntary_cs": 0},
+    }
+    after = {
+        "engine": {"cpu_s": 11.2500004, "voluntary_cs": 9, "involuntary_cs": 30},
+        "front": {"cpu_s": 3.5, "voluntary_cs": 4, "involuntary_cs": 1},
+    }
+    assert bench._usage_delta(before, after) == {
+        "engine_cpu_s": 1.25,
+        "engine_voluntary_cs": 4,
+        "engine_involuntary_cs": 28,
+        "front_cpu_s": 0.5,
+        "front_voluntary_cs": 3,
+        "front_involuntary_cs": 1,
+    }
+    usage = engine.host_usage(None)
+    assert set(usage) == {"cpu_s", "voluntary_cs", "involuntary_cs"}
+    assert usage["cpu_s"] > 0 and min(usage.values()) >= 0
 
 
 def test_a_run_records_the_variables_that_change_kernel_tuning() -> None:
