@@ -102,6 +102,22 @@ PASS_START_SLOW = 1.3
 PREFILL_MS = 20.0
 
 
+# Gemma-4-26B-A4B's batch-64 decode step (ms) on the H200 in its fast state
+# (thirteenth session: K 7's fast steps 15.1, K 15's steps 25.1; K 0 and K 1
+# from the adaptive engine's 10.0-11.1 ms samples, K 3 interpolated), and the
+# floor its slow state puts under every step: K 7's slow steps, 23.4 ms, on
+# the same SM clock with the GPU less busy, as a host-side wait would
+# (``_HostStates``).
+GEMMA4_H200_B64_STEP_MS = {0: 10.0, 1: 10.5, 3: 12.5, 7: 15.1, 15: 25.1}
+GEMMA4_H200_B64_SLOW_FLOOR_MS = 23.4
+# The slow state's turns: a fast step turns slow with HOST_SLOW_ENTER, a slow
+# one fast with HOST_SLOW_LEAVE: a third of the steps fast, in stretches of 8
+# steps on average, the slow ones of 16 (K 7's steps there: 34% fast, fast
+# stretches of 1-31 steps, slow ones of 1-54).
+HOST_SLOW_ENTER = 1 / 8
+HOST_SLOW_LEAVE = 1 / 16
+
+
 def _gemma_pass_ms(batch: int, k: int) -> float:
     scale = GEMMA4_H200_K_SCALE[1 if batch == 1 else 8]
     return GEMMA4_H200_K15_BY_BATCH_MS[batch] * scale[k]
@@ -119,6 +135,10 @@ class Scenario:
     verify_ms: Callable[[int, int], float]
     draft_ms: float = 0.0
     pass_tokens: int = 0
+    slow_floor_ms: float = 0.0
+    """Where set, the engine has a slow state (``_HostStates``) that makes
+    every step cost at least this: it slows a cheap K and leaves a dear one
+    alone."""
 
 
 def _linear(base_ms: float, per_token_ms: float) -> Callable[[int, int], float]:
@@ -158,6 +178,14 @@ SCENARIOS = {
     ),
     "h200-gemma-b1": Scenario(
         ((1, 1200),), DECAY, lambda b, k: GEMMA4_H200_STEP_MS[b][k]
+    ),
+    # Batch 64 with its two states: K 7 best on average (1.05x of K 15), K 15
+    # best in the slow state (1.08x of K 7).
+    "h200-gemma-b64-states": Scenario(
+        ((64, 1200),),
+        DECAY,
+        lambda b, k: GEMMA4_H200_B64_STEP_MS[k],
+        slow_floor_ms=GEMMA4_H200_B64_SLOW_FLOOR_MS,
     ),
     # The benchmark's Gemma passes at batches 8 then 1 (256 tokens each):
     # the prefill, two slow first steps, and a tail whose batch-7 steps are
@@ -300,6 +328,22 @@ class _Stretches:
         return self.slow
 
 
+class _HostStates:
+    """Whether each step falls in the engine's slow state (a two-state
+    Markov chain: HOST_SLOW_ENTER, HOST_SLOW_LEAVE), from its own RNG and
+    whatever the step's K, so every engine of a seed meets the same states
+    at the same step index."""
+
+    def __init__(self, seed: int) -> None:
+        self.rng = random.Random(seed + 300)
+        self.slow = True
+
+    def next(self) -> bool:
+        u = self.rng.random()
+        self.slow = u >= HOST_SLOW_LEAVE if self.slow else u < HOST_SLOW_ENTER
+        return self.slow
+
+
 def run(
     policy: Any,
     scenario: Scenario,
@@ -314,7 +358,7 @@ def run(
     fixed = isinstance(policy, int)
     rng, noise_rng = random.Random(seed), random.Random(seed + 100)
     survival = _survival(scenario.conditional)
-    stretches = _Stretches(seed)
+    stretches, states = _Stretches(seed), _HostStates(seed)
     clock, k, step, rates = 0.0, 0, 0, {}
     for batch, steps in scenario.stages:
         tokens, start = 0, clock
@@ -327,6 +371,8 @@ def run(
                 slow *= recorded[(seed * REPLAY_OFFSET + i) % len(recorded)]
             jitter = 1.0 + noise_rng.uniform(-noise, noise)
             ms = scenario.verify_ms(batch, k) + (scenario.draft_ms if k_next else 0.0)
+            if scenario.slow_floor_ms and states.next():
+                ms = max(ms, scenario.slow_floor_ms)
             clock += ms / 1e3 * slow * jitter
             for _ in range(batch):
                 accepted = _accepted(rng.random(), survival, k)

@@ -1275,3 +1275,31 @@ def test_the_overhead_script_times_the_policy_against_the_bare_clock(
     rng = script.random.Random(0)
     mean = statistics.mean(script.accepted(rng, 15) for _ in range(20000))
     assert mean == pytest.approx(sum(DECAY_RATES), abs=0.05)  # tau 4.78 - 1
+
+
+def test_the_simulated_two_state_engine_favours_k7_on_average_and_k15_when_slow(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``h200-gemma-b64-states`` (docs/adaptive.md, thirteenth session): a
+    slow state, two thirds of the steps, floors every step at K 7's slow
+    step, the same states for every engine of a seed. Fixed K 7 beats K 15
+    on average; K 15 beats K 7 in the slow state; the policy, following
+    the state it last measured, reads below fixed K 7."""
+    script = _simulation_script(monkeypatch)
+    first, second = script._HostStates(5), script._HostStates(5)
+    states = [first.next() for _ in range(30000)]
+    assert states == [second.next() for _ in range(30000)]
+    assert 0.30 < 1 - sum(states) / len(states) < 0.37  # the fast share
+    scenario = script.SCENARIOS["h200-gemma-b64-states"]
+    fixed = {k: script.run(k, scenario, 0, 0.1, "none")[64] for k in (3, 7, 15)}
+    assert max(fixed, key=fixed.get) == 7
+    assert 1.02 < fixed[7] / fixed[15] < 1.08
+    survival = script._survival(scenario.conditional)
+    slow_rate = {
+        k: (1 + sum(survival[:k]))
+        / max(scenario.slow_floor_ms, scenario.verify_ms(64, k))
+        for k in (7, 15)
+    }
+    assert 1.05 < slow_rate[15] / slow_rate[7] < 1.10
+    policy = script.run(adaptive.AdaptiveDraftLength(15), scenario, 0, 0.1, "none")
+    assert 0.9 < policy[64] / fixed[7] < 1.0
