@@ -389,6 +389,8 @@ class BenchSpec:
     """This engine's round (``--rounds``; 0: the first)."""
     step_log: bool = False
     """Keep every decode step's interval in ``pass_clock`` (``--step-log``)."""
+    engine_args: dict[str, Any] = field(default_factory=dict)
+    """More ``LLM(...)`` arguments (``--engine-arg``), none the bench sets."""
 
 
 @dataclass
@@ -802,7 +804,62 @@ def _engine_kwargs(spec: BenchSpec) -> dict[str, Any]:
         kwargs["max_num_batched_tokens"] = spec.max_num_batched_tokens or max(
             8192, max(spec.batch_sizes) * (spec.k + 1)
         )
-    return kwargs
+    return {**kwargs, **spec.engine_args}
+
+
+# ``LLM(...)`` arguments ``_engine_kwargs`` sets from the bench's own options.
+BENCH_ENGINE_ARGS = (
+    "model", "dtype", "load_format", "skip_tokenizer_init", "enforce_eager",
+    "max_model_len", "max_num_seqs", "gpu_memory_utilization",
+    "disable_log_stats", "attention_backend", "compilation_config",
+    "speculative_config", "max_num_batched_tokens",
+)  # fmt: skip
+
+
+def parse_engine_args(
+    items: list[str], known: set[str] | None = None
+) -> dict[str, Any]:
+    """``--engine-arg KEY=VALUE`` options as ``LLM(...)`` arguments: VALUE
+    read as JSON where it parses (``true``, ``0``, ``{"a": 1}``), else as
+    a string. ``known``: the arguments this vLLM takes (None: unchecked)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key:
+            raise DFlashConfigError(
+                "--engine-arg",
+                item,
+                "Write it as KEY=VALUE, e.g. async_scheduling=false.",
+            )
+        if key in BENCH_ENGINE_ARGS:
+            raise DFlashConfigError(
+                "--engine-arg",
+                item,
+                f"{key} is set from the bench's own options (--preset/--target, "
+                "--dtype, --enforce-eager, --attention-backend, --k, ...); use those.",
+            )
+        if known is not None and key not in known:
+            raise DFlashConfigError(
+                "--engine-arg",
+                item,
+                f"this vLLM's engine takes no argument {key!r}; see "
+                "`vllm serve --help` for the ones it takes.",
+            )
+        try:
+            out[key] = json.loads(text)
+        except json.JSONDecodeError:
+            out[key] = text
+    return out
+
+
+def engine_arg_names() -> set[str]:
+    """The ``EngineArgs`` fields of the installed vLLM."""
+    import dataclasses
+
+    from vllm.engine.arg_utils import EngineArgs
+
+    return {f.name for f in dataclasses.fields(EngineArgs)}
 
 
 def _runs(spec: BenchSpec) -> list[tuple[int, int]]:
@@ -1342,6 +1399,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--profile", action="store_true", help="torch-profiler table per DFlash mode"
     )
     p.add_argument(
+        "--engine-arg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="one more LLM(...) argument for every engine, VALUE as JSON where "
+        "it parses (repeatable), e.g. async_scheduling=false or "
+        "jit_monitor_verbose=true; not one the bench sets itself",
+    )
+    p.add_argument(
         "--step-log",
         action="store_true",
         help="keep every decode step's interval of the DFlash engines' timed "
@@ -1433,6 +1499,7 @@ def _meta(
     profile_name: str,
     profile: list[float] | None,
     rows: list[BenchRow],
+    engine_args: dict[str, Any],
 ) -> dict[str, Any]:
     attention_backend, draft_attention_backend = _backends(args)
     return {
@@ -1459,6 +1526,7 @@ def _meta(
         "interleave": args.interleave,
         "rounds": args.rounds,
         "compile_env": compile_env(),
+        "engine_args": engine_args,
     }
 
 
@@ -1541,13 +1609,20 @@ def merge_runs(paths: list[Path], out: Path) -> int:
                     f"{first['meta'].get(key)!r}. Merge runs of the same modes "
                     "and settings only (the order of --modes may differ)."
                 )
-        # Runs from before it was recorded read as taken with none set.
+        # Runs from before these were recorded read as taken with none set.
         theirs, ours = (r["meta"].get("compile_env") or {} for r in (run, first))
         if theirs != ours:
             raise SystemExit(
                 f"invalid --merge={path}: its engines compiled under {theirs!r}, "
                 f"{first_path}'s under {ours!r}. Merge only runs whose "
                 "engines compiled and tuned kernels alike."
+            )
+        theirs, ours = (r["meta"].get("engine_args") or {} for r in (run, first))
+        if theirs != ours:
+            raise SystemExit(
+                f"invalid --merge={path}: its engines ran with --engine-arg "
+                f"{theirs!r}, {first_path}'s with {ours!r}. Merge only runs "
+                "of the same engine arguments."
             )
     rows: list[BenchRow] = []
     long_rows: list[BenchRow] = []
@@ -1597,6 +1672,11 @@ def bench_command(args: argparse.Namespace) -> int:
                 "--profile runs the engine in the bench's worker process, one "
                 "mode at a time; drop one of the two options.",
             )
+        engine_args = (
+            parse_engine_args(args.engine_arg, engine_arg_names())
+            if args.engine_arg
+            else {}
+        )
     except DFlashConfigError as e:
         raise SystemExit(str(e)) from e
     out = Path(args.out)
@@ -1642,6 +1722,7 @@ def bench_command(args: argparse.Namespace) -> int:
             ),
             memory_share=1.0 / len(modes) if args.interleave else 1.0,
             step_log=args.step_log,
+            engine_args=engine_args,
         )
         for mode in modes
     ]
@@ -1652,7 +1733,7 @@ def bench_command(args: argparse.Namespace) -> int:
         # After every batch, so a run cut short by a time limit keeps its rows.
         for row in new_rows:
             _add_row(long_rows if row.output_len != args.output_len else rows, row)
-        meta = _meta(args, modes, sizes, tau, profile_name, profile, rows)
+        meta = _meta(args, modes, sizes, tau, profile_name, profile, rows, engine_args)
         write_json(out, meta, rows, long_rows, done=done)
 
     failed = []

@@ -136,11 +136,12 @@ def prepare_block_triton(a: BlockInputs) -> None:
 # divisible by 16. The batch and the block length change from step to step
 # (adaptive K, requests finishing), and a value first met while serving
 # compiled the kernel mid-request. With these three unspecialised, vLLM
-# 0.26's JIT monitor still logs one compile of this kernel per engine, at
-# its first request after warm-up (every engine of the H200 benches of
-# 2026-12-04, fixed K and adaptive alike), and none after it: a one-off
-# latency at the first request. Which argument differs from the warm-up's
-# call is not found yet.
+# 0.26's JIT monitor still logs a compile of this kernel in every engine at
+# its first request after warm-up (the H200 benches of 2026-12-04, fixed K
+# and adaptive alike). It logs only the first of each kernel unless asked
+# (``vllm-dflash bench --engine-arg jit_monitor_verbose=true`` prints each,
+# with its constants); which argument differs from the warm-up's call is
+# not found yet.
 @triton.jit(do_not_specialize=["num_reqs", "num_reqs_padded", "block_len"])
 def _block_inputs_kernel(
     qsl_ptr,

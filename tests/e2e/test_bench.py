@@ -26,7 +26,7 @@ def test_bench_writes_table_json_and_plot(tmp_path: Path) -> None:
     cmd += ["--modes", "none,plugin-k3,adaptive", "--batch-sizes", "1,2"]
     cmd += ["--k", "7", "--tau", "0", "--acceptance", "decay"]
     cmd += ["--prompt-len", "8", "--output-len", "16", "--long-output-len", "40"]
-    cmd += ["--enforce-eager", "--repeats", "2", "--step-log"]
+    cmd += ["--enforce-eager", "--repeats", "2", "--step-log", "--engine-arg", "seed=0"]
     cmd += ["--dtype", "float32", "--out", str(out)]
     # In-process engine cores: CPU vLLM otherwise gives the worker its own
     # process, away from the scheduler's adaptive policy the bench reads.
@@ -113,6 +113,7 @@ def test_bench_writes_table_json_and_plot(tmp_path: Path) -> None:
         assert all(d == digests["none"] for d in digests.values()), digests
     meta = data["meta"]
     assert meta["acceptance"] == "decay" and meta["synthetic"] is False
+    assert meta["engine_args"] == {"seed": 0}
     assert meta["capture_sizes"] == [1, 2, 4, 8, 16]
     assert [s["best_fixed"] for s in data["summary"]] == ["plugin-k3"] * 2
     # One mode after the other: no pass-by-pass ratio.

@@ -776,6 +776,11 @@ def test_merge_pools_runs_of_the_two_orders(
     data["meta"]["compile_env"] = {}
     (other / "bench.json").write_text(json.dumps(data))
     assert bench.bench_command(parser.parse_args(argv)) == 0
+    # Engines run with other --engine-arg: refused the same way.
+    data["meta"]["engine_args"] = {"async_scheduling": False}
+    (other / "bench.json").write_text(json.dumps(data))
+    with pytest.raises(SystemExit, match=r"'async_scheduling': False\}.*\{\}"):
+        bench.bench_command(parser.parse_args(argv))
     (tmp_path / "list.json").write_text("[]")
     for bad in ("nowhere", "list.json"):
         argv = ["--merge", str(tmp_path / bad), "--out", str(tmp_path / "x")]
@@ -1201,6 +1206,34 @@ def test_a_pass_records_each_process_host_usage_over_it() -> None:
     usage = engine.host_usage(None)
     assert set(usage) == {"cpu_s", "voluntary_cs", "involuntary_cs"}
     assert usage["cpu_s"] > 0 and min(usage.values()) >= 0
+
+
+def test_engine_args_pass_through_and_bad_ones_name_the_fix() -> None:
+    """``--engine-arg KEY=VALUE``: JSON values where they parse, dashes as
+    underscores, added to every engine's ``LLM(...)`` arguments; one the
+    bench sets, one this vLLM does not take, or no ``=``: refused with the
+    option, the value and the fix."""
+    known = {"async_scheduling", "jit_monitor_verbose", "seed", "model"}
+    args = bench.parse_engine_args(
+        ["async-scheduling=false", "seed=3", "jit_monitor_verbose=true"], known
+    )
+    assert args == {"async_scheduling": False, "seed": 3, "jit_monitor_verbose": True}
+    assert bench.parse_engine_args(["seed=abc"], None) == {"seed": "abc"}
+    spec = bench.BenchSpec("plugin", "/t", "/d", [8], engine_args={"seed": 3})
+    assert bench._engine_kwargs(spec)["seed"] == 3
+    for bad, fix in (
+        ("model=/x", "set from the bench's own options"),
+        ("nonsense=1", "takes no argument 'nonsense'"),
+        ("seed", "KEY=VALUE"),
+    ):
+        with pytest.raises(DFlashConfigError, match=fix) as e:
+            bench.parse_engine_args([bad], known)
+        assert "--engine-arg" in str(e.value) and bad in str(e.value)
+    # Every argument _engine_kwargs sets is one the option refuses.
+    full = replace(spec, attention_backend="A", draft_attention_backend="B")
+    assert set(bench._engine_kwargs(replace(full, engine_args={}))) <= set(
+        bench.BENCH_ENGINE_ARGS
+    )
 
 
 def test_a_run_records_the_variables_that_change_kernel_tuning() -> None:
