@@ -359,11 +359,11 @@ class StepCost:
     (medians 15.1 and 23.4 ms, same clock, same text) while K 15's stay at
     25.1, so the better of the two is the state's, and a measurement holds
     the state it fell in (docs/adaptive.md, Measured, thirteenth session).
-    Where the next ``min_samples`` level samples
-    come from other keys (the policy goes back to its best K after
-    re-measuring a rival), the relative cost is taken over the level both
-    before and after the measurement: a drift in the middle of it then
-    biases it by half as much. The first key of a bucket sets the scale
+    Where the next ``min_samples`` level samples come from other keys (the
+    policy goes back to its best K after re-measuring a rival), the
+    relative cost is taken over the level both before and after the
+    measurement: a drift in the middle of it then biases it by half as
+    much. The first key of a bucket sets the scale
     (relative cost 1). A key still being measured is estimated by its
     samples' median.
 

@@ -442,7 +442,7 @@ class BenchRow:
     pass_host: list[dict[str, float]] = field(default_factory=list)
     """Each timed pass's host usage (``_usage_delta``): CPU seconds and
     voluntary and involuntary context switches of the engine-core process
-    (``engine_*``) and of the bench's own, the ``LLM`` front end
+    (``engine_*``) and of the process holding the ``LLM``, its front end
     (``front_*``). A pass whose steps ran slow on an idle GPU shows here
     whether the host did more work, or was kept off its core."""
     spec_counts: list[float] | None = None
