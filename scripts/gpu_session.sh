@@ -11,6 +11,7 @@
 #       0.20/0.26 compare (if 0.20 is in /tmp/site-prev) and the H200 training
 #       run at once; the training's bench waits for the others to finish
 #   bash scripts/gpu_session.sh bench NAME [vllm-dflash bench options]
+#       (BENCH_TIMEOUT=seconds; GPU_LOG=1 logs nvidia-smi beside it)
 #   bash scripts/gpu_session.sh retire-vllm   # before moving another vLLM over
 #   bash scripts/gpu_session.sh swap-vllm     # back to the retired one (and forth)
 set -uo pipefail
@@ -61,9 +62,17 @@ case "$1" in
     # own limit stops this command before the copy below.
     (while sleep 10; do cp "$WORK/$name/bench.json" "$OUT/$name/" 2>/dev/null; done) &
     copier=$!
+    # GPU_LOG=1: the GPU's clock, power, utilisation and clock-event reasons
+    # every 250 ms beside the run, to line up with --step-log's steps.
+    logger=
+    if [ "${GPU_LOG:-0}" = 1 ]; then
+      nvidia-smi --query-gpu=timestamp,clocks.sm,power.draw,utilization.gpu,clocks_event_reasons.active \
+        --format=csv -lms 250 > "$OUT/$name/gpu.csv" 2>&1 &
+      logger=$!
+    fi
     timeout "${BENCH_TIMEOUT:-560}" vllm-dflash bench --out "$WORK/$name" "$@" > "$OUT/$name/bench.log" 2>&1
     echo "bench $name rc=$?"
-    kill $copier
+    kill $copier $logger 2>/dev/null
     cp "$WORK/$name/bench.json" "$WORK/$name/bench.png" "$OUT/$name/" 2>/dev/null
     for log in "$WORK/$name"/*.log; do tail -c 12000 "$log" > "$OUT/$name/$(basename "$log")"; done
     tail -n 30 "$OUT/$name/bench.log"
