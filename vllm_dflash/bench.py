@@ -1553,6 +1553,11 @@ def write_json(
 
 
 # What runs merged by ``--merge`` must share (``meta`` keys).
+# What the engines of runs to merge must share beyond MERGE_KEYS, and the fix.
+ENGINE_MERGE_KEYS = {
+    "compile_env": "Merge only runs whose engines compiled and tuned kernels alike.",
+    "engine_args": "Merge only runs of the same --engine-arg options.",
+}
 MERGE_KEYS = (
     "preset",
     "k",
@@ -1609,21 +1614,14 @@ def merge_runs(paths: list[Path], out: Path) -> int:
                     f"{first['meta'].get(key)!r}. Merge runs of the same modes "
                     "and settings only (the order of --modes may differ)."
                 )
-        # Runs from before these were recorded read as taken with none set.
-        theirs, ours = (r["meta"].get("compile_env") or {} for r in (run, first))
-        if theirs != ours:
-            raise SystemExit(
-                f"invalid --merge={path}: its engines compiled under {theirs!r}, "
-                f"{first_path}'s under {ours!r}. Merge only runs whose "
-                "engines compiled and tuned kernels alike."
-            )
-        theirs, ours = (r["meta"].get("engine_args") or {} for r in (run, first))
-        if theirs != ours:
-            raise SystemExit(
-                f"invalid --merge={path}: its engines ran with --engine-arg "
-                f"{theirs!r}, {first_path}'s with {ours!r}. Merge only runs "
-                "of the same engine arguments."
-            )
+        for key, fix in ENGINE_MERGE_KEYS.items():
+            # Runs from before the key was recorded read as taken with none set.
+            theirs, ours = (r["meta"].get(key) or {} for r in (run, first))
+            if theirs != ours:
+                raise SystemExit(
+                    f"invalid --merge={path}: its engines' {key} is {theirs!r}, "
+                    f"{first_path}'s {ours!r}. {fix}"
+                )
     rows: list[BenchRow] = []
     long_rows: list[BenchRow] = []
     rounds_before = 0
