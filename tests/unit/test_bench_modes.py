@@ -1131,32 +1131,36 @@ def _k_step_median(row: dict[str, Any], batch: int, k: int) -> float:
     )
 
 
+BENCHMARKS = Path(__file__).parents[2] / "docs/benchmarks"
+
+
+def _gemma_run(name: str) -> tuple[dict[str, Any], dict[tuple[str, int], Any]]:
+    """A Gemma H200 run in docs/benchmarks and its rows by (mode, batch)."""
+    path = BENCHMARKS / f"gemma4-26b-a4b-h200-{name}.json"
+    data = json.loads(path.read_text())
+    return data, {(r["mode"], r["batch"]): r for r in data["rows"]}
+
+
 def test_gemma_controls_and_recheck_read_as_documented() -> None:
     """docs/adaptive.md, Measured, twelfth session: two fixed K 15 engines,
     the dynamic-K path held at K 15 against fixed K 15 (same step, 6% apart
     in tok/s), adaptive against fixed K 15 at batches 64, 8 and 1, and
     fixed K 7 against K 15 at batches 64 and 32 (fixed K 15 at batch 64
     13% apart between two runs on the same outputs)."""
-    folder = Path(__file__).parents[2] / "docs/benchmarks"
-
-    def load(name: str) -> tuple[dict[str, Any], dict[tuple[str, int], Any]]:
-        data = json.loads((folder / f"gemma4-26b-a4b-h200-{name}.json").read_text())
-        return data, {(r["mode"], r["batch"]): r for r in data["rows"]}
-
-    _, two = load("control-two-k15-engines-b8")
+    _, two = _gemma_run("control-two-k15-engines-b8")
     a, b = two["plugin", 8], two["plugin-k15", 8]
     assert a["tok_per_s"] / b["tok_per_s"] == pytest.approx(1.023, abs=5e-4)
     assert (_k_step_median(a, 8, 15), _k_step_median(b, 8, 15)) == pytest.approx(
         (7.521, 7.577), abs=5e-4
     )
-    _, dyn = load("control-dynamic-k15-b8")
+    _, dyn = _gemma_run("control-dynamic-k15-b8")
     d, f = dyn["dynamic-k15", 8], dyn["plugin", 8]
     assert d["tok_per_s"] / f["tok_per_s"] == pytest.approx(1.063, abs=5e-4)
     assert _k_step_median(d, 8, 15) == pytest.approx(_k_step_median(f, 8, 15), abs=2e-3)
     for x, y in zip(d["pass_clock"], f["pass_clock"], strict=True):
         assert abs(x["steps"] - y["steps"]) <= 1
 
-    recheck, rows = load("rounds-recheck-k15-b64-b8-b1")
+    recheck, rows = _gemma_run("rounds-recheck-k15-b64-b8-b1")
     documented = {1: [0.967, 0.960], 8: [1.039, 0.984], 64: [0.920, 0.943]}
     for s in recheck["summary"]:
         by_round = s["adaptive_vs_best_fixed_paired_by_round"]
@@ -1168,7 +1172,7 @@ def test_gemma_controls_and_recheck_read_as_documented() -> None:
     ks = {k: sum(_steps_at(rows["adaptive", 64], k)) for k in (3, 7, 15)}
     assert ks == {3: 89, 7: 576, 15: 118}
 
-    _, k7_run = load("k7-against-k15-b64-b32")
+    _, k7_run = _gemma_run("k7-against-k15-b64-b32")
     for batch, ratio in ((64, 1.140), (32, 1.173)):
         got = (
             k7_run["plugin-k7", batch]["tok_per_s"]
@@ -1304,13 +1308,7 @@ def test_gemma_thirteenth_session_reads_as_documented() -> None:
     fixed K 7 at batch 64, the same outputs of fixed K 7 up to 1.43x apart,
     and K 7's two step states beside the GPU's clock, power and
     utilisation."""
-    folder = Path(__file__).parents[2] / "docs/benchmarks"
-
-    def load(name: str) -> tuple[dict[str, Any], dict[tuple[str, int], Any]]:
-        data = json.loads((folder / f"gemma4-26b-a4b-h200-{name}.json").read_text())
-        return data, {(r["mode"], r["batch"]): r for r in data["rows"]}
-
-    third, rows = load("rounds-third-k15-b8-b1")
+    third, rows = _gemma_run("rounds-third-k15-b8-b1")
     documented = {1: [0.981, 0.986], 8: [0.972, 0.964]}
     for s in third["summary"]:
         by_round = s["adaptive_vs_best_fixed_paired_by_round"]
@@ -1335,7 +1333,7 @@ def test_gemma_thirteenth_session_reads_as_documented() -> None:
         1: pytest.approx(1.006, abs=1e-3),
     }
     runs = [
-        load(name)[1]
+        _gemma_run(name)[1]
         for name in (
             "rounds-third-k15-b8-b1",
             "rounds-young-steps-k15-b8-b1",
@@ -1354,7 +1352,7 @@ def test_gemma_thirteenth_session_reads_as_documented() -> None:
         pytest.approx(1.213, abs=1e-3),
     )
 
-    k7_run, rows = load("rounds-adaptive-k7-b64")
+    k7_run, rows = _gemma_run("rounds-adaptive-k7-b64")
     (summary,) = k7_run["summary"]
     assert summary["adaptive_vs_best_fixed_paired"] == pytest.approx(0.866, abs=5e-4)
     assert summary["adaptive_vs_best_fixed_paired_by_round"] == pytest.approx(
@@ -1372,9 +1370,11 @@ def test_gemma_thirteenth_session_reads_as_documented() -> None:
     spread = max(max(v) / min(v) for v in by_digest.values())
     assert spread == pytest.approx(1.431, abs=5e-4)
 
-    _, rows = load("swing-k7-k15-b64")
+    _, rows = _gemma_run("swing-k7-k15-b64")
     clocks = json.loads(
-        (folder / "gemma4-26b-a4b-h200-swing-k7-k15-b64-gpu-clocks.json").read_text()
+        (
+            BENCHMARKS / "gemma4-26b-a4b-h200-swing-k7-k15-b64-gpu-clocks.json"
+        ).read_text()
     )["samples"]
     k7 = _steps_by_clock(rows["plugin-k7", 64], clocks, 7, 64)
     fast = [(ms, s) for ms, s in k7 if ms < 18]
