@@ -26,29 +26,22 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from vllm_dflash import adaptive  # noqa: E402
-from vllm_dflash.bench import DECAY_RATES  # noqa: E402
+# The simulator's acceptance draw: one uniform per request and step against
+# the bench's decay rates (P(at least i drafts accepted); 4.78 tokens a K 15
+# step). It puts the repository on the path for vllm_dflash.
+from simulate_adaptive import DECAY, _accepted, _survival
+
+from vllm_dflash import adaptive
+
+SURVIVAL = _survival(DECAY)
 
 
 def step_seconds(batch: int, k: int) -> float:
     """A weight-read-bound step, as Gemma 4 at batches 1-8 on the H200 (where
     the policy runs K 15): 6 ms, plus 0.5% per draft and 0.1% per request."""
     return 0.006 * (1 + 0.005 * k) * (1 + 0.001 * batch)
-
-
-def accepted(rng: random.Random, k: int) -> int:
-    """Drafts accepted in a row out of ``k`` under ``vllm-dflash bench
-    --acceptance decay``'s rates (the chance that draft i is accepted;
-    expected tokens per K 15 step 4.78): draft i, given drafts 1..i-1, with
-    probability DECAY_RATES[i] / DECAY_RATES[i-1]."""
-    n, reached = 0, 1.0
-    while n < k and rng.random() * reached < DECAY_RATES[n]:
-        reached = DECAY_RATES[n]
-        n += 1
-    return n
 
 
 def time_policy(batch: int, steps: int, k_max: int, seed: int) -> dict[str, Any]:
@@ -62,7 +55,7 @@ def time_policy(batch: int, steps: int, k_max: int, seed: int) -> dict[str, Any]
     for _ in range(steps):
         scheduled = {r: 1 + k for r in requests}
         drafts = {r: [0] * k for r in requests}
-        draws = [accepted(rng, k) for _ in requests]
+        draws = [_accepted(rng.random(), SURVIVAL, k) for _ in requests]
         now += step_seconds(batch, k) * (1 + 0.05 * rng.random())
         start = time.perf_counter()
         policy.observe_step_output(scheduled, drafts, k, now)
