@@ -127,7 +127,7 @@ def prepare_block_triton(a: BlockInputs) -> None:
             PAD=PAD_SLOT,
             WRITE_TOKENS=group == 0,
             # From the longest block, not this step's: one compiled kernel
-            # for every K, built at the first dummy run.
+            # for every K.
             BLOCK=triton.next_power_of_2(a.max_block_len),
         )
 
@@ -135,13 +135,11 @@ def prepare_block_triton(a: BlockInputs) -> None:
 # Triton compiles a new variant for an integer argument equal to 1 or
 # divisible by 16. The batch and the block length change from step to step
 # (adaptive K, requests finishing), and a value first met while serving
-# compiled the kernel mid-request. With these three unspecialised, vLLM
-# 0.26's JIT monitor still logs a compile of this kernel in every engine at
-# its first request after warm-up (the H200 benches of 2026-12-04, fixed K
-# and adaptive alike). It logs only the first of each kernel unless asked
-# (``vllm-dflash bench --engine-arg jit_monitor_verbose=true`` prints each,
-# with its constants); which argument differs from the warm-up's call is
-# not found yet.
+# would compile the kernel mid-request: those three are not specialised.
+# The rest is fixed per engine, so the variants (WRITE_TOKENS true and false)
+# are built at the speculator's first propose, in vLLM's warm-up
+# (``DFlashSpeculator.propose``). ``vllm-dflash bench --engine-arg
+# jit_monitor_verbose=true`` lists any compile after warm-up with its constants.
 @triton.jit(do_not_specialize=["num_reqs", "num_reqs_padded", "block_len"])
 def _block_inputs_kernel(
     qsl_ptr,

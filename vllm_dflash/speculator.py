@@ -30,6 +30,7 @@ whose K is 0 only projects the context (eagerly): nothing is drafted.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import torch
@@ -81,6 +82,8 @@ class DFlashSpeculator(compat.DraftModelSpeculator):
         self.ctx_positions = torch.zeros(n, dtype=torch.int64, device=device)
         self.ctx_slots = torch.full((1, n), PAD_SLOT, dtype=torch.int64, device=device)
         self._graphs: Any = None
+        # Whether the block kernel has run once (Triton compiles at first use).
+        self._block_kernel_built = False
         self._gids: list[int] = []
         self._layer_rows: list[int] = []
         self._group_causal: dict[int, bool] = {}
@@ -262,11 +265,27 @@ class DFlashSpeculator(compat.DraftModelSpeculator):
             )
             self._draft(num_reqs, q, None, None, num_tokens_across_dp)
             return self.draft_tokens[:num_reqs]
+        block = functools.partial(
+            self._block_inputs,
+            input_batch,
+            num_rejected=num_rejected,
+            num_sampled=num_sampled,
+            last_sampled=last_sampled,
+            next_prefill_tokens=next_prefill_tokens,
+        )
         if k == 0:
             # Nothing is verified next step: only the context K/V, which
             # later blocks attend to.
             self._copy_context_slots(num_ctx)
             self._store_context_eagerly(num_ctx)
+            if not self._block_kernel_built:
+                # vLLM's kernel warm-up (``warmup_kernels``) schedules no
+                # drafts: its steps carry K 0. Without this the block
+                # kernel would compile at the first request, a latency
+                # spike vLLM's JIT monitor reports. A one-token block on the
+                # warm-up's own buffers builds it; nothing reads that block.
+                kernels.prepare_block(block(num_reqs_padded=num_reqs, q=1))
+                self._block_kernel_built = True
             self.stats.context_tokens += num_ctx
             return self.draft_tokens[:num_reqs]
 
@@ -295,34 +314,8 @@ class DFlashSpeculator(compat.DraftModelSpeculator):
         else:
             self.ctx_slots[:, num_ctx:tokens].fill_(PAD_SLOT)
 
-        kernels.prepare_block(
-            kernels.BlockInputs(
-                query_start_loc=input_batch.query_start_loc,
-                target_positions=input_batch.positions,
-                num_rejected=num_rejected,
-                num_sampled=num_sampled,
-                idx_mapping=input_batch.idx_mapping,
-                last_sampled=last_sampled,
-                next_prefill_tokens=next_prefill_tokens,
-                block_tables=[
-                    self.block_tables.input_block_tables[g] for g in self._gids
-                ],
-                kernel_block_sizes=[
-                    self.block_tables.kernel_block_sizes[g] for g in self._gids
-                ],
-                slot_mappings=[self.block_tables.slot_mappings[g] for g in self._gids],
-                input_ids=self.input_buffers.input_ids,
-                positions=self.input_buffers.positions,
-                seq_lens=self.input_buffers.seq_lens,
-                block_query_start_loc=self.input_buffers.query_start_loc,
-                num_reqs=num_reqs,
-                num_reqs_padded=reqs,
-                block_len=q,
-                max_block_len=self.num_speculative_steps + 1,
-                mask_token_id=self.draft_config.mask_token_id,
-                max_model_len=self.max_model_len,
-            )
-        )
+        kernels.prepare_block(block(num_reqs_padded=reqs, q=q))
+        self._block_kernel_built = True
         metadata = self._block_metadata(input_batch, reqs, q)
         by_layer = compat.build_slot_mappings_by_layer(
             self.block_tables.slot_mappings[:, :tokens], self.kv_cache_config
@@ -345,6 +338,44 @@ class DFlashSpeculator(compat.DraftModelSpeculator):
             self.ctx_slots[row, :num_ctx].copy_(
                 self.block_tables.slot_mappings[gid, :num_ctx]
             )
+
+    def _block_inputs(
+        self,
+        input_batch: Any,
+        *,
+        num_rejected: torch.Tensor,
+        num_sampled: torch.Tensor,
+        last_sampled: torch.Tensor,
+        next_prefill_tokens: torch.Tensor,
+        num_reqs_padded: int,
+        q: int,
+    ) -> kernels.BlockInputs:
+        """This step's block (``num_reqs_padded`` rows of ``q`` tokens) as the
+        kernel's inputs: the verified batch and the static buffers it fills."""
+        return kernels.BlockInputs(
+            query_start_loc=input_batch.query_start_loc,
+            target_positions=input_batch.positions,
+            num_rejected=num_rejected,
+            num_sampled=num_sampled,
+            idx_mapping=input_batch.idx_mapping,
+            last_sampled=last_sampled,
+            next_prefill_tokens=next_prefill_tokens,
+            block_tables=[self.block_tables.input_block_tables[g] for g in self._gids],
+            kernel_block_sizes=[
+                self.block_tables.kernel_block_sizes[g] for g in self._gids
+            ],
+            slot_mappings=[self.block_tables.slot_mappings[g] for g in self._gids],
+            input_ids=self.input_buffers.input_ids,
+            positions=self.input_buffers.positions,
+            seq_lens=self.input_buffers.seq_lens,
+            block_query_start_loc=self.input_buffers.query_start_loc,
+            num_reqs=input_batch.num_reqs,
+            num_reqs_padded=num_reqs_padded,
+            block_len=q,
+            max_block_len=self.num_speculative_steps + 1,
+            mask_token_id=self.draft_config.mask_token_id,
+            max_model_len=self.max_model_len,
+        )
 
     def _store_context_eagerly(self, num_ctx: int) -> None:
         """Context K/V of the first ``num_ctx`` target tokens at the slots

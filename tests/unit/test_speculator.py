@@ -6,6 +6,8 @@ CUDA: scripts/gpu_checks.py covers it there)."""
 from __future__ import annotations
 
 import types
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -195,3 +197,85 @@ def test_draft_length_is_what_the_scheduler_verifies(
     spec = types.SimpleNamespace(num_speculative_steps=15, dp_size=dp_size)
     DFlashSpeculator.set_draft_length(spec, asked)  # type: ignore[arg-type]
     assert spec._num_drafts == drafts
+
+
+def _speculator_at_k0(device: str) -> tuple[Any, list[int], Callable[[], None]]:
+    """The plugin's V2 speculator without vLLM's runner (real buffers and
+    block path; a drafter that records how many context tokens it stores),
+    told to draft nothing next step (K 0), and one step's ``propose``."""
+    from vllm_dflash.speculator import DFlashSpeculator
+
+    args = _inputs(device, max_model_len=64, num_reqs_padded=2)
+    stored: list[int] = []
+    spec: Any = object.__new__(DFlashSpeculator)
+    spec.__dict__.update(
+        num_speculative_steps=15,
+        _num_drafts=0,
+        _block_kernel_built=False,
+        _gids=[0, 1],
+        _layer_rows=[0, 1],
+        max_model_len=64,
+        ctx_features=torch.zeros(64, 4, device=device),
+        ctx_positions=torch.zeros(64, dtype=torch.int64, device=device),
+        ctx_slots=torch.full((2, 64), PAD_SLOT, dtype=torch.int64, device=device),
+        draft_tokens=torch.zeros(8, 15, dtype=torch.int64, device=device),
+        stats=types.SimpleNamespace(context_tokens=0),
+        draft_config=types.SimpleNamespace(mask_token_id=MASK),
+        model=types.SimpleNamespace(
+            store_context_kv=lambda features, *_: stored.append(len(features))
+        ),
+        block_tables=types.SimpleNamespace(
+            input_block_tables=args.block_tables,
+            kernel_block_sizes=args.kernel_block_sizes,
+            slot_mappings=torch.stack(list(args.slot_mappings)),
+        ),
+        input_buffers=types.SimpleNamespace(
+            input_ids=args.input_ids,
+            positions=args.positions,
+            seq_lens=args.seq_lens,
+            query_start_loc=args.block_query_start_loc,
+        ),
+        _copy_request_inputs=lambda *_: None,  # vLLM's sampling buffers
+    )
+    batch = types.SimpleNamespace(
+        num_reqs=2,
+        num_tokens=5,
+        query_start_loc=args.query_start_loc,
+        positions=args.target_positions,
+        idx_mapping=args.idx_mapping,
+    )
+    hidden = [torch.zeros(5, 2, device=device)] * 2  # two captured layers
+
+    def step() -> None:
+        spec.propose(
+            batch,
+            {},
+            {},
+            hidden[0],
+            hidden,
+            num_sampled=args.num_sampled,
+            num_rejected=args.num_rejected,
+            last_sampled=args.last_sampled,
+            next_prefill_tokens=args.next_prefill_tokens,
+            temperature=torch.zeros(0),
+            seeds=torch.zeros(0),
+        )
+
+    return spec, stored, step
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_k0_warm_up_step_builds_the_block_kernel_once(device: str) -> None:
+    """vLLM's kernel warm-up schedules K 0, so the first K-0 propose also
+    prepares a one-token block (building the Triton kernel before the first
+    request); later K-0 steps only store the context K/V."""
+    spec, stored, step = _speculator_at_k0(device)
+    ids, seq_lens = spec.input_buffers.input_ids, spec.input_buffers.seq_lens
+    step()
+    assert stored == [5]  # the five target tokens' context K/V
+    assert ids[:3].tolist() == [103, 201, -7]  # a one-token block per request
+    assert seq_lens[:2].tolist() == [13, 7]  # last accepted 11 and 5, plus 2
+    ids.fill_(-7)
+    step()
+    assert stored == [5, 5]
+    assert (ids == -7).all()  # no block: nothing is drafted at K 0
