@@ -1393,3 +1393,77 @@ def test_gemma_thirteenth_session_reads_as_documented() -> None:
     slow_pass = rows["plugin-k15", 64]
     assert round(slow_pass["pass_tok_per_s"][4]) == 4591
     assert slow_pass["pass_clock"][4]["busy_s"] == pytest.approx(1.77, abs=5e-3)
+
+
+def _engine_cpu_per_wall(row: dict[str, Any]) -> list[float]:
+    """Each timed pass's engine-core CPU seconds over its wall seconds."""
+    per_pass = row["tokens"] / len(row["pass_tok_per_s"])
+    return [
+        host["engine_cpu_s"] / (per_pass / rate)
+        for host, rate in zip(row["pass_host"], row["pass_tok_per_s"], strict=True)
+    ]
+
+
+def test_gemma_fourteenth_session_reads_as_documented() -> None:
+    """docs/adaptive.md, Measured, fourteenth session: one engine at a time
+    at batch 64, K 7's steps bound by the host (a busy engine core, a GPU
+    two-thirds busy) at a level that moves from engine to engine, K 15's by
+    the GPU; the host's serial share with async scheduling off; adaptive
+    against the best fixed K of each run."""
+    clocks = json.loads(
+        (BENCHMARKS / "gemma4-26b-a4b-h200-alone-gpu-clocks.json").read_text()
+    )["samples"]
+    runs = {
+        name: _gemma_run(name)
+        for name in (
+            "alone-k7-b64",
+            "alone-k15-adaptive-b64",
+            "alone-adaptive-first-b64-b8-b1",
+            "alone-adaptive-last-b64",
+            "sync-k7-k15-b64",
+        )
+    }
+    # (run, fixed K) -> batch-64 step median (ms), GPU utilisation median (%)
+    documented = {
+        ("alone-k7-b64", 7): (22.66, 67),
+        ("alone-k15-adaptive-b64", 15): (25.47, 99),
+        ("alone-adaptive-first-b64-b8-b1", 7): (28.00, 56),
+        ("alone-adaptive-first-b64-b8-b1", 15): (26.62, 92),
+        ("alone-adaptive-last-b64", 7): (23.75, 64),
+        ("alone-adaptive-last-b64", 15): (25.66, 97),
+        ("sync-k7-k15-b64", 7): (29.29, 52),
+        ("sync-k7-k15-b64", 15): (38.85, 65),
+    }
+    for (name, k), (step_ms, util) in documented.items():
+        row = runs[name][1][f"plugin-k{k}", 64]
+        assert _k_step_median(row, 64, k) == pytest.approx(step_ms, abs=5e-3)
+        samples = [s for _, s in _steps_by_clock(row, clocks[name], k, 64)]
+        assert statistics.median(s[3] for s in samples) == util
+        cpu = _engine_cpu_per_wall(row)
+        if name.startswith("sync"):
+            assert max(cpu) < 0.8  # the host waits on the GPU in each step
+        elif k == 7:
+            assert min(cpu) > 0.98  # the engine core never idles
+        assert max(h["engine_involuntary_cs"] for h in row["pass_host"]) <= 8
+
+    best = {}
+    for name in ("alone-adaptive-first-b64-b8-b1", "alone-adaptive-last-b64"):
+        for s in runs[name][0]["summary"]:
+            best[name, s["batch"]] = (s["best_fixed"], s["adaptive_vs_best_fixed"])
+    # The first alone pair ran fixed K 7 in one call and K 15 with adaptive
+    # in the next, on the same machine.
+    pair = [
+        runs["alone-k7-b64"][1]["plugin-k7", 64]["tok_per_s"],
+        runs["alone-k15-adaptive-b64"][1]["plugin-k15", 64]["tok_per_s"],
+    ]
+    adaptive_alone = runs["alone-k15-adaptive-b64"][1]["adaptive", 64]["tok_per_s"]
+    best["alone", 64] = ("plugin-k7", adaptive_alone / max(pair))
+    assert {key: (mode, round(ratio, 3)) for key, (mode, ratio) in best.items()} == {
+        ("alone", 64): ("plugin-k7", 1.003),
+        ("alone-adaptive-first-b64-b8-b1", 64): ("plugin-k15", 1.021),
+        ("alone-adaptive-first-b64-b8-b1", 8): ("plugin-k7", 0.991),
+        ("alone-adaptive-first-b64-b8-b1", 1): ("plugin-k7", 1.148),
+        ("alone-adaptive-last-b64", 64): ("plugin-k7", 0.881),
+    }
+    b64 = [ratio for (_, batch), (_, ratio) in best.items() if batch == 64]
+    assert math.prod(b64) ** (1 / 3) == pytest.approx(0.966, abs=5e-4)
