@@ -25,10 +25,12 @@ import hashlib
 import json
 import math
 import os
+import re
 import statistics
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from itertools import pairwise
@@ -449,6 +451,13 @@ class BenchRow:
     """vLLM's spec-decode counters over the timed passes: drafts (one
     request's drafts in one step), accepted tokens and draft tokens; what
     ``merge_rows`` pools the acceptance length from."""
+    jit_compiles: dict[str, int] | None = None
+    """Kernels vLLM's JIT monitor saw compiling after the engine's warm-up,
+    by name, logged while this row's batch ran (its untimed warm-up pass
+    included): a latency spike a server's first requests would pay. None
+    where the engine's log never showed the monitor starting. vLLM logs a
+    kernel's first compile only, unless ``--engine-arg
+    jit_monitor_verbose=true``."""
 
 
 def _acceptance(counts: list[float]) -> tuple[float | None, float | None]:
@@ -490,7 +499,16 @@ def merge_rows(a: BenchRow, b: BenchRow) -> BenchRow:
         pass_start_position=a.pass_start_position + b.pass_start_position,
         pass_round=a.pass_round + b.pass_round,
         spec_counts=counts,
+        jit_compiles=_add_counts(a.jit_compiles, b.jit_compiles),
     )
+
+
+def _add_counts(
+    a: dict[str, int] | None, b: dict[str, int] | None
+) -> dict[str, int] | None:
+    if a is None or b is None:
+        return a if b is None else b
+    return dict(Counter(a) + Counter(b))
 
 
 def _add_row(rows: list[BenchRow], row: BenchRow) -> None:
@@ -876,7 +894,8 @@ def _num_passes(spec: BenchSpec, output_len: int) -> int:
 
 
 def _profile(llm: Any, prompts: Any, path: str) -> None:
-    """Profile one short generation; needs VLLM_ENABLE_V1_MULTIPROCESSING=0.
+    """Profile one short generation of ``prompts`` (the last timed pass's,
+    so at the batch under study); needs VLLM_ENABLE_V1_MULTIPROCESSING=0.
     Writes the kernel table at ``path`` and the timeline beside it
     (``.trace.json.gz``, for chrome://tracing or Perfetto): the table sums
     over the run, the timeline shows where a step's time goes."""
@@ -941,6 +960,19 @@ def _failure_hint(log_text: str, memory_share: float) -> str:
     )
 
 
+_JIT_MONITOR_ON = "Kernel JIT monitor activated"
+_JIT_COMPILE = re.compile(r"JIT compilation during inference: (\w+)")
+
+
+def jit_compiles(log: str, since: int = 0) -> dict[str, int] | None:
+    """The kernels an engine's log shows compiling after warm-up (vLLM's JIT
+    monitor), counted by name from character ``since`` on; None where the
+    monitor never started (no Triton, an eager engine, an older vLLM)."""
+    if _JIT_MONITOR_ON not in log:
+        return None
+    return dict(Counter(_JIT_COMPILE.findall(log, since)))
+
+
 class _RemoteEngine:
     """An ``_Engine`` in a worker process (``_serve``), one command at a
     time: JSON lines on its stdin, replies on a pipe of their own (vLLM
@@ -951,6 +983,7 @@ class _RemoteEngine:
         self.log = log
         self.memory_share = spec.memory_share
         self.profiles = spec.profile_path is not None
+        self._log_read = 0  # how far ``new_jit_compiles`` has read the log
         read_fd, write_fd = os.pipe()
         # Beside the log: what this engine ran, kept with the results.
         spec_path = log.with_suffix(".spec.json")
@@ -997,6 +1030,13 @@ class _RemoteEngine:
             pass  # _reply reports the exit and the log
         return self._reply()
 
+    def new_jit_compiles(self) -> dict[str, int] | None:
+        """``jit_compiles`` of the log written since the last call."""
+        text = self.log.read_text(errors="replace")
+        compiles = jit_compiles(text, self._log_read)
+        self._log_read = len(text)
+        return compiles
+
     def close(self) -> None:
         if self.proc.stdin is not None and self.proc.poll() is None:
             self.proc.stdin.close()  # _serve returns on end of input
@@ -1029,7 +1069,7 @@ def _serve(spec: BenchSpec, reply_fd: int) -> None:
                 reply(asdict(engine.end()))
             elif op == "profile":
                 if spec.profile_path:
-                    _profile(engine.llm, engine.last_prompts[:1], spec.profile_path)
+                    _profile(engine.llm, engine.last_prompts, spec.profile_path)
                 reply(None)
             else:
                 raise ValueError(f"vllm-dflash bench worker: unknown command {op!r}")
@@ -1090,7 +1130,11 @@ def run_engines(
                 by_mode = {e.mode: e for e in engines}
                 order = pass_order(list(by_mode), i)
                 each([by_mode[m] for m in order], "pass")
-            rows = [BenchRow(**r) for r in each(list(engines), "end").values()]
+            by_mode = {e.mode: e for e in engines}
+            rows = [
+                BenchRow(**{**r, "jit_compiles": by_mode[mode].new_jit_compiles()})
+                for mode, r in each(list(engines), "end").items()
+            ]
             if on_batch is not None:
                 on_batch(rows)
         each([e for e in engines if e.profiles], "profile")

@@ -101,6 +101,9 @@ def test_bench_writes_table_json_and_plot(tmp_path: Path) -> None:
             assert host["engine_cpu_s"] > 0 and host["front_cpu_s"] > 0
             assert host["engine_cpu_s"] == pytest.approx(host["front_cpu_s"], abs=0.05)
             assert min(host.values()) >= 0
+    # vLLM's JIT monitor never starts in these eager CPU engines: every row
+    # says so (None), where a CUDA engine's would list its late compiles.
+    assert all(row["jit_compiles"] is None for row in rows.values())
     assert rows[("plugin-k3", 1)]["adaptive"] is None
     assert rows[("plugin-k3", 1)]["drafts_per_request_step"] == 3.0
     # Every row keeps its untimed full-batch warm-up's rate.

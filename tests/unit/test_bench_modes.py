@@ -548,6 +548,9 @@ def test_interleaved_run_goes_on_without_a_failed_engine(
                 return asdict(BenchRow(self.mode, 1, 10, 1.0, 100.0, None))
             return None
 
+        def new_jit_compiles(self) -> dict[str, int]:
+            return {"kernel": len(calls)}  # what the log shows by now
+
         def close(self) -> None:
             calls.append((self.mode, "close"))
 
@@ -557,11 +560,19 @@ def test_interleaved_run_goes_on_without_a_failed_engine(
         for mode in ("a", "broken", "dies", "b")
     ]  # b also writes a --profile table at the end
     batches: list[list[str]] = []
-    failed = bench.run_engines(
-        specs, tmp_path, lambda rows: batches.append([r.mode for r in rows])
-    )
+    compiles: list[dict[str, int] | None] = []
+
+    def on_batch(rows: list[BenchRow]) -> None:
+        batches.append([r.mode for r in rows])
+        compiles.extend(r.jit_compiles for r in rows)
+
+    failed = bench.run_engines(specs, tmp_path, on_batch)
     assert failed == ["broken", "dies"]
     assert batches == [["a", "b"], ["a", "b"]]
+    # Each row takes its engine's log as read once every engine has ended
+    # the batch (the ends of batch 8, then of batch 1, two engines each).
+    ends = [i + 1 for i, c in enumerate(calls) if c[1] == "end"]
+    assert compiles == [{"kernel": n} for n in (ends[1], ends[1], ends[3], ends[3])]
     passes = [mode for mode, op, *_ in calls if op == "pass"]
     # Batch 8: a dies b, then dies b a (dies fails there); batch 1: a b, b a.
     assert passes == ["a", "dies", "b", "dies", "b", "a", "a", "b", "b", "a"]
@@ -650,6 +661,7 @@ def test_merge_rows_pools_two_rounds() -> None:
             pass_round=[0, 0] if rates[0] < 15 else [1, 1],
             pass_host=[{"engine_cpu_s": 1 / r} for r in rates],
             spec_counts=counts,
+            jit_compiles={"_block_inputs_kernel": 2} if rates[0] < 15 else {},
         )
 
     first = row([10.0, 12.0], [10.0, 30.0, 70.0], {"7": 3})
@@ -666,6 +678,10 @@ def test_merge_rows_pools_two_rounds() -> None:
     assert merged.pass_output_digest == ["a", "b", "a", "b"]
     assert [h["engine_cpu_s"] for h in merged.pass_host] == [0.1, 1 / 12, 0.05, 1 / 30]
     assert merged.warmup_tok_per_s == 50.0
+    assert merged.jit_compiles == {"_block_inputs_kernel": 2}
+    assert (
+        bench.merge_rows(replace(first, jit_compiles=None), second).jit_compiles == {}
+    )
     assert merged.adaptive is not None
     assert merged.adaptive["steps_per_k"] == {"7": 5, "15": 1}
     assert merged.adaptive["trace"] == [[0, 8, 7, 3]] * 2
@@ -684,6 +700,36 @@ def test_merge_rows_pools_two_rounds() -> None:
     # One round, or rows from before pass_round: nothing per round.
     assert bench.paired_ratio_by_round(first, first) is None
     assert bench.paired_ratio_by_round(replace(merged, pass_round=[]), slow) is None
+
+
+# vLLM 0.26's JIT monitor as it logged on the H200 (2026-12-04), shortened.
+JIT_LOG = """\
+(EngineCore pid=2163) INFO 12-04 20:12:18 [jit_monitor.py:79] Kernel JIT monitor \
+activated; monitored JIT compilations during inference will use mode=warn.
+(EngineCore pid=2163) WARNING 12-04 20:12:19 [jit_monitor.py:132] Triton kernel \
+JIT compilation during inference: _block_inputs_kernel (constexprs={BLOCK=16, \
+WRITE_TOKENS=True}; signature={...}). This causes a latency spike; ...
+(EngineCore pid=2163) WARNING 12-04 20:12:20 [jit_monitor.py:132] Triton kernel \
+JIT compilation during inference: _block_inputs_kernel (constexprs={BLOCK=16, \
+WRITE_TOKENS=False}; signature={...}). This causes a latency spike; ...
+(EngineCore pid=3166) WARNING 12-04 20:16:08 [jit_monitor.py:135] Triton kernel \
+JIT compilation during inference: kernel_unified_attention. This causes a \
+latency spike; consider extending warmup to cover this shape/config.
+"""
+
+
+def test_jit_compiles_are_read_from_the_engine_log() -> None:
+    """A row's ``jit_compiles``: the kernels the monitor logged compiling,
+    counted from where the last batch's reading stopped; None without the
+    monitor."""
+    assert bench.jit_compiles(JIT_LOG) == {
+        "_block_inputs_kernel": 2,
+        "kernel_unified_attention": 1,
+    }
+    since = JIT_LOG.index("(EngineCore pid=3166)")
+    assert bench.jit_compiles(JIT_LOG, since) == {"kernel_unified_attention": 1}
+    assert bench.jit_compiles(JIT_LOG, len(JIT_LOG)) == {}
+    assert bench.jit_compiles(JIT_LOG.split("\n", 2)[2]) is None
 
 
 def test_merge_pools_runs_of_the_two_orders(
