@@ -1513,3 +1513,30 @@ def test_gemma_fourteenth_session_reads_as_documented() -> None:
     }
     b64 = [ratio for (_, batch), (_, ratio) in best.items() if batch == 64]
     assert math.prod(b64) ** (1 / 3) == pytest.approx(0.966, abs=5e-4)
+
+
+def test_gemma_runs_of_the_current_policy_pool_as_documented() -> None:
+    """docs/adaptive.md, Measured, fourteenth session, item 6: every paired
+    Gemma run of the policy since c01b7c3, adaptive over the run's best
+    fixed K per batch, and their geometric means."""
+    paired: dict[int, list[float]] = {}
+    for name in (
+        "rounds-young-steps-k15-b8-b1",
+        "rounds-recheck-k15-b64-b8-b1",
+        "rounds-third-k15-b8-b1",
+        "rounds-adaptive-k7-b64",
+    ):
+        for s in _gemma_run(name)[0]["summary"]:
+            paired.setdefault(s["batch"], []).append(s["adaptive_vs_best_fixed_paired"])
+
+    def geomean(values: list[float]) -> float:
+        return math.exp(statistics.fmean(math.log(v) for v in values))
+
+    assert {b: [round(v, 3) for v in vs] for b, vs in paired.items()} == {
+        1: [1.009, 0.963, 0.984],
+        8: [0.913, 1.011, 0.968],
+        64: [0.931, 0.866],
+    }
+    assert [round(geomean(paired[b]), 3) for b in (1, 8, 64)] == [0.985, 0.963, 0.898]
+    alone = [1.003, 1.021, 0.881]  # test_gemma_fourteenth_session_reads_as_documented
+    assert geomean(paired[64] + alone) == pytest.approx(0.938, abs=5e-4)
