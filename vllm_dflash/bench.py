@@ -506,6 +506,7 @@ def merge_rows(a: BenchRow, b: BenchRow) -> BenchRow:
 def _add_counts(
     a: dict[str, int] | None, b: dict[str, int] | None
 ) -> dict[str, int] | None:
+    """Two rounds' ``jit_compiles`` summed; None only where both are."""
     if a is None or b is None:
         return a if b is None else b
     return dict(Counter(a) + Counter(b))

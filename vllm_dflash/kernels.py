@@ -136,10 +136,11 @@ def prepare_block_triton(a: BlockInputs) -> None:
 # divisible by 16. The batch and the block length change from step to step
 # (adaptive K, requests finishing), and a value first met while serving
 # would compile the kernel mid-request: those three are not specialised.
-# The rest is fixed per engine, so the variants (WRITE_TOKENS true and false)
-# are built at the speculator's first propose, in vLLM's warm-up
-# (``DFlashSpeculator.propose``). ``vllm-dflash bench --engine-arg
-# jit_monitor_verbose=true`` lists any compile after warm-up with its constants.
+# The rest (buffers, strides, sizes) is fixed per engine, so both variants
+# (WRITE_TOKENS true and false) are built at the speculator's first propose,
+# in vLLM's warm-up (``DFlashSpeculator.propose``). ``vllm-dflash bench
+# --engine-arg jit_monitor_verbose=true`` lists any later compile with its
+# constants.
 @triton.jit(do_not_specialize=["num_reqs", "num_reqs_padded", "block_len"])
 def _block_inputs_kernel(
     qsl_ptr,

@@ -24,7 +24,8 @@ steady-state decode N <= R*Q (R: padded request count), so the context
 projection rides in the same graph as the block. Steps with more target
 tokens than that (a prefill in the batch, or a step after a larger K) project
 the context eagerly first and the graph's context rows write nothing. A step
-whose K is 0 only projects the context (eagerly): nothing is drafted.
+whose K is 0 only projects the context (eagerly): nothing is drafted; the
+engine's first such step (vLLM's kernel warm-up) also builds the block kernel.
 """
 
 from __future__ import annotations
@@ -283,7 +284,8 @@ class DFlashSpeculator(compat.DraftModelSpeculator):
                 # drafts: its steps carry K 0. Without this the block
                 # kernel would compile at the first request, a latency
                 # spike vLLM's JIT monitor reports. A one-token block on the
-                # warm-up's own buffers builds it; nothing reads that block.
+                # warm-up's own buffers builds it; the next step rewrites
+                # those buffers before anything reads them.
                 kernels.prepare_block(block(num_reqs_padded=num_reqs, q=1))
                 self._block_kernel_built = True
             self.stats.context_tokens += num_ctx
