@@ -499,17 +499,20 @@ def merge_rows(a: BenchRow, b: BenchRow) -> BenchRow:
         pass_start_position=a.pass_start_position + b.pass_start_position,
         pass_round=a.pass_round + b.pass_round,
         spec_counts=counts,
-        jit_compiles=_add_counts(a.jit_compiles, b.jit_compiles),
+        jit_compiles=(
+            None
+            if a.jit_compiles is None and b.jit_compiles is None
+            else _sum_counts(a.jit_compiles or {}, b.jit_compiles or {})
+        ),
     )
 
 
-def _add_counts(
-    a: dict[str, int] | None, b: dict[str, int] | None
-) -> dict[str, int] | None:
-    """Two rounds' ``jit_compiles`` summed; None only where both are."""
-    if a is None or b is None:
-        return a if b is None else b
-    return dict(Counter(a) + Counter(b))
+def _sum_counts(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
+    """Two tables of counts added key by key (``a``'s keys first)."""
+    total = dict(a)
+    for key, n in b.items():
+        total[key] = total.get(key, 0) + n
+    return total
 
 
 def _add_row(rows: list[BenchRow], row: BenchRow) -> None:
@@ -529,10 +532,7 @@ def _merge_policy(
         return a or b
     merged = dict(b)
     for name in ("steps_per_k", "steps_per_batch_k"):
-        steps = dict(a.get(name, {}))
-        for key, n in b.get(name, {}).items():
-            steps[key] = steps.get(key, 0) + n
-        merged[name] = steps
+        merged[name] = _sum_counts(a.get(name, {}), b.get(name, {}))
     for name in ("trace", "measurements"):
         merged[name] = a.get(name, []) + b.get(name, [])
     return merged
