@@ -31,7 +31,6 @@ engine's first such step (vLLM's kernel warm-up) also builds the block kernel.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any
 
 import torch
@@ -266,14 +265,7 @@ class DFlashSpeculator(compat.DraftModelSpeculator):
             )
             self._draft(num_reqs, q, None, None, num_tokens_across_dp)
             return self.draft_tokens[:num_reqs]
-        block = functools.partial(
-            self._block_inputs,
-            input_batch,
-            num_rejected=num_rejected,
-            num_sampled=num_sampled,
-            last_sampled=last_sampled,
-            next_prefill_tokens=next_prefill_tokens,
-        )
+        verified = (num_rejected, num_sampled, last_sampled, next_prefill_tokens)
         if k == 0:
             # Nothing is verified next step: only the context K/V, which
             # later blocks attend to.
@@ -286,7 +278,9 @@ class DFlashSpeculator(compat.DraftModelSpeculator):
                 # spike vLLM's JIT monitor reports. A one-token block on the
                 # warm-up's own buffers builds it; the next step rewrites
                 # those buffers before anything reads them.
-                kernels.prepare_block(block(num_reqs_padded=num_reqs, q=1))
+                kernels.prepare_block(
+                    self._block_inputs(input_batch, *verified, num_reqs, q=1)
+                )
                 self._block_kernel_built = True
             self.stats.context_tokens += num_ctx
             return self.draft_tokens[:num_reqs]
@@ -316,7 +310,7 @@ class DFlashSpeculator(compat.DraftModelSpeculator):
         else:
             self.ctx_slots[:, num_ctx:tokens].fill_(PAD_SLOT)
 
-        kernels.prepare_block(block(num_reqs_padded=reqs, q=q))
+        kernels.prepare_block(self._block_inputs(input_batch, *verified, reqs, q=q))
         self._block_kernel_built = True
         metadata = self._block_metadata(input_batch, reqs, q)
         by_layer = compat.build_slot_mappings_by_layer(
@@ -344,7 +338,6 @@ class DFlashSpeculator(compat.DraftModelSpeculator):
     def _block_inputs(
         self,
         input_batch: Any,
-        *,
         num_rejected: torch.Tensor,
         num_sampled: torch.Tensor,
         last_sampled: torch.Tensor,
