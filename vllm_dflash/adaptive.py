@@ -61,6 +61,7 @@ from __future__ import annotations
 import functools
 import math
 import statistics
+import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -150,18 +151,35 @@ class StepClock:
     each of its passes' first intervals held that wait. The clock counts the
     intervals and their seconds, and keeps the stalls: intervals over
     STALL_FACTOR times the median of the last STALL_WINDOW (any K, prefills
-    and switches included) as ``[interval count, batch, K, ms]``. It costs
+    and switches included) as ``[interval count, batch, K, ms, wait ms]``
+    (the wait: below). It costs
     about half a microsecond a step. Asked to (``keep_log``), it also keeps
     every interval in ``log``, in the same form: how a fixed-K engine's
-    step time moves from step to step, which pass means hide."""
+    step time moves from step to step, which pass means hide.
+
+    Each entry also carries the step's host wait, where the drafter runs in
+    the scheduler's process (one GPU, vLLM's in-process executor): the time
+    from the worker's last ``drafted`` (it had launched the newest step's
+    drafting, the last host work of a step) to this output, which the
+    engine spent blocked on the GPU. A step the host holds up waits about
+    0 ms; one the GPU holds up waits for the rest of its GPU time, so its
+    interval minus its wait is the host's part. On the H200 a Gemma 4
+    batch-64 step read like host work at K 7 and like GPU work at K 15
+    (docs/adaptive.md, fourteenth session); the wait tells them apart step
+    by step. None where no drafting was launched since the last output (a
+    worker in another process). A kept log adds the process's CPU seconds
+    over the interval (``time.process_time``: every thread of the engine)."""
 
     steps: int = 0
     busy_s: float = 0.0
-    stalls: deque[list[float]] = field(
+    stalls: deque[list[float | None]] = field(
         default_factory=lambda: deque(maxlen=STALLS_KEPT)
     )
-    log: deque[list[float]] | None = None
+    log: deque[list[float | None]] | None = None
+    drafted_s: float | None = None
+    """When the worker last launched a step's drafting (``drafted``)."""
     _last_s: float | None = field(default=None, repr=False)
+    _last_cpu_s: float = field(default=0.0, repr=False)
     _intervals: deque[float] = field(
         default_factory=lambda: deque(maxlen=STALL_WINDOW), repr=False
     )
@@ -185,18 +203,36 @@ class StepClock:
         )
         if stall or self.log is not None:
             # Built only where kept: this runs on the scheduler every step.
-            entry = [self.steps, batch, k, round(1e3 * seconds, 3)]
+            wait = self.wait_s(now, last)
+            entry = [
+                self.steps,
+                batch,
+                k,
+                round(1e3 * seconds, 3),
+                None if wait is None else round(1e3 * wait, 3),
+            ]
             if stall:
                 self.stalls.append(entry)
             if self.log is not None:
-                self.log.append(entry)
+                cpu, self._last_cpu_s = self._last_cpu_s, time.process_time()
+                self.log.append([*entry, round(1e3 * (self._last_cpu_s - cpu), 3)])
         self._intervals.append(seconds)
         return seconds
+
+    def wait_s(self, now: float, last: float) -> float | None:
+        """The host's wait for the GPU before the output at ``now`` (the one
+        before it at ``last``): since the newest ``drafted``, or None if
+        none came between the two outputs."""
+        drafted = self.drafted_s
+        if drafted is None or not last <= drafted <= now:
+            return None
+        return now - drafted
 
     def keep_log(self, steps: int = STEP_LOG_KEPT) -> None:
         """From now on keep every interval (the last ``steps``) in ``log``."""
         if self.log is None:
             self.log = deque(maxlen=steps)
+            self._last_cpu_s = time.process_time()
 
     def idle(self) -> None:
         """The scheduler has no request left: the next interval is no step."""
@@ -216,6 +252,16 @@ class StepClock:
 # The step clock of the last DFlash scheduler built in this process (the
 # adaptive policy's own where it has one), for the benchmark.
 last_clock: StepClock | None = None
+
+
+def drafted() -> None:
+    """The worker has launched a step's drafting (the end of the proposer's
+    host work for the step): the scheduler's clock in this process, if any,
+    times its wait for the GPU from here (``StepClock.wait_s``). A no-op in
+    a worker process without a scheduler."""
+    clock = last_clock
+    if clock is not None:
+        clock.drafted_s = time.perf_counter()
 
 
 def candidate_ks(k_max: int) -> tuple[int, ...]:

@@ -433,8 +433,9 @@ class BenchRow:
     """Each timed pass's step clock (plugin DFlash modes; ``StepClock``): its
     steps, their seconds ``busy_s`` (the pass's time less its first step,
     which follows the idle engine, and its host work around the steps), and
-    its stalls, ``[step in the pass, batch, K, ms]``; with ``--step-log``
-    every step in that form too (``log``)."""
+    its stalls, ``[step in the pass, batch, K, ms, host wait ms]``; with
+    ``--step-log`` every step in that form too, plus the engine process's CPU
+    ms over the step (``log``)."""
     pass_start_position: list[int] = field(default_factory=list)
     """Each timed pass's engine: where it started in its round (``--rounds``;
     0: first), the others' engines already up beside it."""
@@ -897,7 +898,8 @@ def _num_passes(spec: BenchSpec, output_len: int) -> int:
 def _profile(llm: Any, prompts: Any, path: str) -> None:
     """Profile one short generation of ``prompts`` (the last timed pass's,
     so at the batch under study); needs VLLM_ENABLE_V1_MULTIPROCESSING=0.
-    Writes the kernel table at ``path`` and the timeline beside it
+    Writes the kernel table at ``path`` (by CUDA time, then by the host's
+    own time per operator) and the timeline beside it
     (``.trace.json.gz``, for chrome://tracing or Perfetto): the table sums
     over the run, the timeline shows where a step's time goes."""
     import torch
@@ -912,8 +914,18 @@ def _profile(llm: Any, prompts: Any, path: str) -> None:
         activities.append(ProfilerActivity.CUDA)
     with profile(activities=activities) as prof:
         llm.generate(prompts, params, use_tqdm=False)
-    sort = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
-    Path(path).write_text(prof.key_averages().table(sort_by=sort, row_limit=60))
+    table = prof.key_averages()
+    # The host's side second: where the GPU waits on it (a large batch at a
+    # small K), the CUDA-time table does not say what the host did.
+    sorts = ["self_cpu_time_total"]
+    if torch.cuda.is_available():
+        sorts.insert(0, "cuda_time_total")
+    Path(path).write_text(
+        "\n\n".join(
+            f"sorted by {sort}:\n{table.table(sort_by=sort, row_limit=60)}"
+            for sort in sorts
+        )
+    )
     # The profiler gzips a path ending in .gz itself.
     prof.export_chrome_trace(str(Path(path).with_suffix(".trace.json.gz")))
 
@@ -1456,7 +1468,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--step-log",
         action="store_true",
         help="keep every decode step's interval of the DFlash engines' timed "
-        "passes (pass_clock's log: [step, batch, K, ms]), e.g. for "
+        "passes (pass_clock's log: [step, batch, K, ms, host wait ms, CPU "
+        "ms]), e.g. for "
         "scripts/simulate_adaptive.py --replay",
     )
     p.add_argument(

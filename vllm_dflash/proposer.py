@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch.profiler import record_function
 
-from vllm_dflash import backend, capture, compat, patching, startup
+from vllm_dflash import adaptive, backend, capture, compat, patching, startup
 from vllm_dflash.config import DFlashConfigError, DFlashDraftConfig
 from vllm_dflash.log import get_logger
 from vllm_dflash.model import DFlashDraftModel
@@ -241,6 +241,7 @@ class DFlashProposer(compat.SpecDecodeBaseProposer):
             k = min(num_speculative_tokens, k)
         self._last_draft_probs = None
         if k == 0:
+            adaptive.drafted()
             return torch.empty(batch, 0, dtype=torch.int64, device=self.device)
 
         # K drafts need a block of K + 1 positions, not the longest block:
@@ -290,6 +291,7 @@ class DFlashProposer(compat.SpecDecodeBaseProposer):
         self.stats.draft_tokens += batch * k
         self.stats.blocks += batch
         self.stats.block_tokens += num_block
+        adaptive.drafted()
         return drafts.view(batch, k)
 
     def _prepare_block(

@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from vllm_dflash import backend, compat, kernels
+from vllm_dflash import adaptive, backend, compat, kernels
 from vllm_dflash.config import DFlashConfigError
 from vllm_dflash.log import get_logger
 from vllm_dflash.model import DFlashDraftModel
@@ -283,6 +283,7 @@ class DFlashSpeculator(compat.DraftModelSpeculator):
                 )
                 self._block_kernel_built = True
             self.stats.context_tokens += num_ctx
+            adaptive.drafted()
             return self.draft_tokens[:num_reqs]
 
         desc, across_dp = compat.dispatch_cg_and_sync_dp(
@@ -326,6 +327,7 @@ class DFlashSpeculator(compat.DraftModelSpeculator):
             self.stats.draft_tokens += num_reqs * k
             self.stats.blocks += num_reqs
             self.stats.block_tokens += num_reqs * q
+            adaptive.drafted()
         return self.draft_tokens[:num_reqs]
 
     def _copy_context_slots(self, num_ctx: int) -> None:

@@ -11,6 +11,7 @@ import json
 import math
 import random
 import sys
+import time
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
@@ -689,7 +690,7 @@ def test_a_step_far_slower_than_the_recent_ones_is_kept_as_a_stall() -> None:
     # 41 outputs: 40 intervals, less the idle gap; the first output (at
     # 10 ms) closes none.
     snap = policy.snapshot()["clock"]
-    assert snap["stalls"] == [[35, 4, 3, 600.0]]
+    assert snap["stalls"] == [[35, 4, 3, 600.0, None]]  # no drafting reported
     assert snap["steps"] == 39
     assert snap["busy_s"] == pytest.approx(clock - 2.5 - 0.010)
     # Before the window is full nothing is judged.
@@ -813,10 +814,51 @@ def test_a_clock_keeps_its_steps_once_asked() -> None:
     clock.keep_log(steps=2)
     for t in times[2:]:
         clock.tick(t, 8, 7)
-    assert clock.snapshot()["log"] == [[2, 8, 7, 11.0], [3, 8, 7, 9.0]]
+    # [step, batch, K, ms, host wait ms (no drafting reported), CPU ms]
+    assert [e[:5] for e in clock.snapshot()["log"]] == [
+        [2, 8, 7, 11.0, None],
+        [3, 8, 7, 9.0, None],
+    ]
     clock.tick(0.050, 4, 3)
-    assert clock.snapshot()["log"] == [[3, 8, 7, 9.0], [4, 4, 3, 20.0]]
+    log = clock.snapshot()["log"]
+    assert [e[:5] for e in log] == [[3, 8, 7, 9.0, None], [4, 4, 3, 20.0, None]]
+    assert all(isinstance(e[5], float) and e[5] >= 0 for e in log)
     json.dumps(clock.snapshot())
+
+
+def test_the_clock_times_the_host_wait_from_the_last_drafting() -> None:
+    """A step's wait is the time from the worker's newest ``drafted`` to the
+    output, if that came after the output before: with async scheduling
+    the next step's drafting is launched before this step's output is
+    waited for. No drafting between two outputs: no wait."""
+    clock = adaptive.StepClock()
+    clock.keep_log()
+    clock.tick(1.000, 64, 7)
+    clock.drafted_s = 1.0155  # the host launched for 15.5 ms, then waited
+    clock.tick(1.020, 64, 7)
+    clock.drafted_s = 1.0399  # host-bound: the output was already there
+    clock.tick(1.040, 64, 7)
+    clock.tick(1.060, 64, 7)  # no drafting since the last output
+    assert [e[3:5] for e in clock.snapshot()["log"]] == [
+        [20.0, 4.5],
+        [20.0, 0.1],
+        [20.0, None],
+    ]
+
+
+def test_drafted_marks_the_clock_of_this_process() -> None:
+    """The speculator's ``adaptive.drafted()`` reaches the scheduler's clock
+    where both run in one process, and does nothing where there is none."""
+    saved = adaptive.last_clock
+    try:
+        adaptive.last_clock = None
+        adaptive.drafted()  # a worker process: no clock, no error
+        clock = adaptive.install_clock()
+        adaptive.drafted()
+        assert clock.drafted_s is not None
+        assert clock.drafted_s == pytest.approx(time.perf_counter(), abs=1.0)
+    finally:
+        adaptive.last_clock = saved
 
 
 def test_a_slow_reading_does_not_hide_a_larger_k() -> None:
