@@ -110,6 +110,12 @@ PREFILL_MS = 20.0
 # (``_HostStates``).
 GEMMA4_H200_B64_STEP_MS = {0: 10.0, 1: 10.5, 3: 12.5, 7: 15.1, 15: 25.1}
 GEMMA4_H200_B64_SLOW_FLOOR_MS = 23.4
+# The host's part of those steps in the fast state: about 14 ms at K 7 and K
+# 15 (fourteenth session, async scheduling off: K 7 29.29 and K 15 38.85 ms,
+# each about 14 ms over its fast-state step), less at the small K whose
+# steps took 10-12.5 ms (under their step, scaled as K 7's). The slow state's
+# host is its floor.
+GEMMA4_H200_B64_HOST_MS = {0: 8.5, 1: 9.0, 3: 11.0, 7: 14.0, 15: 14.0}
 # The slow state's turns: a fast step turns slow with HOST_SLOW_ENTER, a slow
 # one fast with HOST_SLOW_LEAVE: a third of the steps fast, in stretches of 8
 # steps on average, the slow ones of 16 (K 7's steps there: 34% fast, fast
@@ -139,6 +145,13 @@ class Scenario:
     """Where set, the engine has a slow state (``_HostStates``) that makes
     every step cost at least this: it slows a cheap K and leaves a dear one
     alone."""
+    host_ms: Callable[[int, int], float] | None = None
+    """The host's part of a step (the slow state's floor replaces it there):
+    the step takes the longer of it and the GPU's part (``verify_ms``, and
+    ``draft_ms``; a regime's phase slows this part only), and the policy's
+    clock is told how long the host waited for the GPU, as the engine's
+    drafter tells it (``StepClock.wait_s``). None: the clock is told
+    nothing, unless ``--host-fraction`` sets it."""
 
 
 def _linear(base_ms: float, per_token_ms: float) -> Callable[[int, int], float]:
@@ -186,6 +199,7 @@ SCENARIOS = {
         DECAY,
         lambda b, k: GEMMA4_H200_B64_STEP_MS[k],
         slow_floor_ms=GEMMA4_H200_B64_SLOW_FLOOR_MS,
+        host_ms=lambda b, k: GEMMA4_H200_B64_HOST_MS[k],
     ),
     # The benchmark's Gemma passes at batches 8 then 1 (256 tokens each):
     # the prefill, two slow first steps, and a tail whose batch-7 steps are
@@ -344,6 +358,33 @@ class _HostStates:
         return self.slow
 
 
+def _report(
+    policy: Any,
+    scheduled: dict[str, int],
+    k: int,
+    k_next: int,
+    clock: float,
+    wait_s: float | None,
+) -> None:
+    """A step's output to the policy, at ``clock``; with the host's wait for
+    the GPU before it, as the engine's drafter marks it (``drafted``)."""
+    if wait_s is not None:
+        policy.clock.drafted_s = clock - wait_s
+    drafts = {r: [-1] * k for r in scheduled} if k else {}
+    policy.observe_step_output(scheduled, drafts, k_next, clock)
+
+
+def host_model(
+    scenario: Scenario, fraction: float | None
+) -> Callable[[int, int], float] | None:
+    """The scenario's host part of a step; where it has none and
+    ``fraction`` is given, that fraction of its K 0 step at the batch (a
+    GPU-bound engine that reports its waits)."""
+    if scenario.host_ms is not None or fraction is None:
+        return scenario.host_ms
+    return lambda b, k: fraction * scenario.verify_ms(b, 0)
+
+
 def run(
     policy: Any,
     scenario: Scenario,
@@ -351,10 +392,12 @@ def run(
     noise: float,
     phase: str,
     replay: dict[int, list[float]] | None = None,
+    host: Callable[[int, int], float] | None = None,
 ) -> dict[int, float]:
     """Output tokens per simulated second of each stage. ``policy``: a fixed
     K or an ``AdaptiveDraftLength``; ``replay``: the "replay" phase's
-    factors per batch (``replay_factors``)."""
+    factors per batch (``replay_factors``); ``host``: the host's part of a
+    step (``host_model``), whose wait the policy is then told."""
     fixed = isinstance(policy, int)
     rng, noise_rng = random.Random(seed), random.Random(seed + 100)
     survival = _survival(scenario.conditional)
@@ -371,9 +414,21 @@ def run(
                 slow *= recorded[(seed * REPLAY_OFFSET + i) % len(recorded)]
             jitter = 1.0 + noise_rng.uniform(-noise, noise)
             ms = scenario.verify_ms(batch, k) + (scenario.draft_ms if k_next else 0.0)
+            host_ms = None if host is None else host(batch, k)
             if scenario.slow_floor_ms and states.next():
-                ms = max(ms, scenario.slow_floor_ms)
-            clock += ms / 1e3 * slow * jitter
+                if host_ms is None:
+                    ms = max(ms, scenario.slow_floor_ms)
+                else:
+                    host_ms = scenario.slow_floor_ms
+            wait = None
+            if host_ms is None:
+                clock += ms * slow * jitter / 1e3
+            else:
+                # The phase slows the GPU's part (every K alike); the host's
+                # part is the host's. The jitter is the whole step's.
+                step_ms = max(ms * slow, host_ms)
+                clock += step_ms * jitter / 1e3
+                wait = (step_ms - host_ms) * jitter / 1e3
             for _ in range(batch):
                 accepted = _accepted(rng.random(), survival, k)
                 tokens += 1 + accepted
@@ -381,8 +436,7 @@ def run(
                     policy.observe_request(k, accepted)
             if not fixed:
                 scheduled = {f"r{i}": 1 + k for i in range(batch)}
-                drafts = {f"r{i}": [-1] * k for i in range(batch)} if k else {}
-                policy.observe_step_output(scheduled, drafts, k_next, clock)
+                _report(policy, scheduled, k, k_next, clock, wait)
             k, step = k_next, step + 1
         rates[batch] = tokens / (clock - start)
     return rates
@@ -395,6 +449,7 @@ def run_passes(
     noise: float,
     phase: str = "none",
     recorded: dict[int, list[list[float]]] | None = None,
+    host: Callable[[int, int], float] | None = None,
 ) -> dict[int, float]:
     """Output tokens per simulated second of each stage of benchmark passes:
     every request of a pass prefills in one step (no cost sample), then
@@ -408,7 +463,8 @@ def run_passes(
     times its K's cost relative to K 15 (and, in the tail, its batch's
     relative to the stage's), with no slow start or noise added: the
     recording has its own. Each stage's first pass is the benchmark's
-    warm-up: run, not timed."""
+    warm-up: run, not timed. ``host``: as in ``run``, a step's host part
+    (no noise), its wait told to the policy."""
     fixed = isinstance(policy, int)
     rng, noise_rng = random.Random(seed), random.Random(seed + 100)
     level_rng = random.Random(seed + 200)
@@ -444,6 +500,9 @@ def run_passes(
                 else:
                     slow = PASS_START_SLOW if step < PASS_START_STEPS else 1.0
                     ms *= slow * (1.0 + noise_rng.uniform(-noise, noise)) * level
+                host_ms = None if host is None else host(len(made), k)
+                if host_ms is not None:
+                    ms = max(ms, host_ms)
                 seconds = ms / 1e3
                 clock += seconds
                 busy += seconds
@@ -454,8 +513,8 @@ def run_passes(
                     if not fixed:
                         policy.observe_request(k, accepted)
                 if not fixed:
-                    drafts = {r: [-1] * k for r in scheduled} if k else {}
-                    policy.observe_step_output(scheduled, drafts, k_next, clock)
+                    wait = None if host_ms is None else (ms - host_ms) / 1e3
+                    _report(policy, scheduled, k, k_next, clock, wait)
                 made = {r: n for r, n in made.items() if n < scenario.pass_tokens}
                 k, step = k_next, step + 1
         rates[batch] = passes * batch * scenario.pass_tokens / busy
@@ -470,10 +529,11 @@ def _run_one(
     phase: str,
     replay: dict[int, list[float]] | None,
     recorded: dict[int, list[list[float]]] | None = None,
+    host: Callable[[int, int], float] | None = None,
 ) -> dict[int, float]:
     if scenario.pass_tokens:
-        return run_passes(policy, scenario, seed, noise, phase, recorded)
-    return run(policy, scenario, seed, noise, phase, replay)
+        return run_passes(policy, scenario, seed, noise, phase, recorded, host)
+    return run(policy, scenario, seed, noise, phase, replay, host)
 
 
 def load_policy(ref: str | None) -> ModuleType:
@@ -497,16 +557,19 @@ def simulate(
     replay: dict[int, list[float]] | None = None,
     pass_runs: list[dict[str, Any]] | None = None,
     replay_mode: str = "plugin",
+    host_fraction: float | None = None,
 ) -> list[dict[str, Any]]:
     """One row per (scenario, regime, stage batch, policy): the mean and the
     worst over seeds of the policy's rate over the best fixed K's. With
     ``replay``, the regimes are "replay" alone, for scenarios whose every
     stage's batch it has; with ``pass_runs`` (``--step-log`` runs), "replay"
     alone for the pass scenarios whose every stage's batch has passes of
-    ``replay_mode`` in them (``pass_series``)."""
+    ``replay_mode`` in them (``pass_series``). ``host_fraction``: the
+    host's part of a step where a scenario has none (``host_model``)."""
     rows = []
     for name in names:
         scenario = SCENARIOS[name]
+        host = host_model(scenario, host_fraction)
         regimes: tuple[tuple[float, str], ...] = REGIMES
         recorded = None
         if pass_runs is not None:
@@ -534,7 +597,7 @@ def simulate(
             best_k: dict[int, int] = {}
             for seed in range(seeds):
                 fixed = {
-                    k: _run_one(k, scenario, seed, noise, phase, replay, recorded)
+                    k: _run_one(k, scenario, seed, noise, phase, replay, recorded, host)
                     for k in KS
                 }
                 for batch, _ in scenario.stages:
@@ -548,6 +611,7 @@ def simulate(
                         phase,
                         replay,
                         recorded,
+                        host,
                     )
                     for batch, rate in got.items():
                         best = fixed[best_k[batch]][batch]
@@ -581,6 +645,10 @@ def main(argv: list[str] | None = None) -> int:
                    "regime, alone); repeat to pool runs")  # fmt: skip
     p.add_argument("--replay-mode", default="plugin",
                    help="the run's fixed-K mode whose steps are replayed")  # fmt: skip
+    p.add_argument("--host-fraction", type=float, metavar="F",
+                   help="where a scenario has no host part, give its steps "
+                   "one of F times its K 0 step, and tell the policy the "
+                   "host's waits (an engine that reports them)")  # fmt: skip
     args = p.parse_args(argv)
     policies = {"this": load_policy(None)}
     policies.update({ref: load_policy(ref) for ref in args.compare})
@@ -597,7 +665,7 @@ def main(argv: list[str] | None = None) -> int:
         pass_runs = [json.loads(path.read_text()) for path in args.replay_passes]
     rows = simulate(
         policies, args.only or list(SCENARIOS), args.seeds, replay, pass_runs,
-        args.replay_mode,
+        args.replay_mode, args.host_fraction,
     )  # fmt: skip
     if pass_runs is not None and not rows:
         p.error("--replay-passes: no pass scenario chosen has passes of "

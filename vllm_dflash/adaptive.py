@@ -43,6 +43,13 @@ maximise expected output tokens per second:
   (attention reads every request's context; the drafter's context grows
   with the batch), and on the H200 one 256-token bin shared by batch 32 K 7
   and batch 64 K 3 read 9.4 ms in one run and 14.6 ms in another.
+- Under async scheduling, where the drafter runs in the scheduler's process,
+  the step clock also times how long the host waited for the GPU before each
+  output, and a step splits into a host part (interval less wait) and, where
+  the GPU held it up, a GPU part: ``T(b, K)`` is then max(host level now,
+  GPU time of K) (``AdaptiveDraftLength.seconds``). A host that slows or
+  speeds up moves the cheap, host-bound K and leaves the dear, GPU-bound one
+  alone, as the H200 showed at Gemma 4 batch 64.
 
 K = 0 (no drafting) is a candidate, so at a load where drafts cannot pay
 the policy stops verifying them (the engine's DFlash bookkeeping, hidden-state
@@ -132,6 +139,26 @@ STALLS_KEPT = 64
 # comparison of K 7 and K 15 went to K 7 for a reason the snapshot no
 # longer showed (docs/adaptive.md, Measured, seventh session).
 MEASUREMENTS_KEPT = 128
+# A step whose host waited for the GPU (``StepClock.wait_s``) more than this
+# fraction of its interval was held up by the GPU: its interval is the GPU's
+# time for the step. One that waited less was held up by the host, and says
+# only that the GPU needed no more. Where the GPU is done first, the host
+# still runs the end of its step after the drafter's launch (the V2 runner's
+# draft-token bookkeeping, the engine core's queue) before it asks: a
+# fraction of a millisecond, under 5% of the H200 steps it could be mistaken
+# in (about 6 ms and more).
+GPU_BOUND_WAIT = 0.05
+# The host level (``AdaptiveDraftLength.seconds``) is the median of a
+# bucket's last HOST_WINDOW steps' host parts: on the H200 (Gemma 4, batch
+# 64) the host's slow and fast stretches lasted 1-54 steps, a third of them
+# fast, and a level that lags them runs the wrong K for the lag at every
+# turn (K 15 through a fast stretch is 0.70x of K 7). Simulated with those
+# stretches (scripts/simulate_adaptive.py, h200-gemma-b64-states, no noise),
+# the median of the last 8 made 0.986x of fixed K 7, of 5 0.990x, of 3
+# 0.996x, of 2 1.003x and the last step alone 1.005x (under a GPU drift
+# with noise 0.3: 0.953, 0.947, 0.952, 0.955, 0.945). 3 is the shortest
+# that rejects a lone outlier (a stall; an output that reports late).
+HOST_WINDOW = 3
 # Steps kept by a clock asked to log them (``StepClock.keep_log``): a
 # benchmark reads the log after every pass, and its longest passes (batch 1,
 # a few thousand output tokens) take fewer steps than this.
@@ -178,6 +205,8 @@ class StepClock:
     log: deque[list[float | None]] | None = None
     drafted_s: float | None = None
     """When the worker last launched a step's drafting (``drafted``)."""
+    wait_s_last: float | None = None
+    """The host wait of the step ``tick`` last returned (``wait_s``)."""
     _last_s: float | None = field(default=None, repr=False)
     _last_cpu_s: float = field(default=0.0, repr=False)
     _intervals: deque[float] = field(
@@ -189,12 +218,14 @@ class StepClock:
         largest with ``k`` drafts (batch 0: an output with nothing
         scheduled, which only moves the clock); its interval or None."""
         last, self._last_s = self._last_s, now
+        self.wait_s_last = None
         if last is None or batch == 0:
             return None
         seconds = now - last
         if not 0 < seconds < MAX_STEP_GAP_S:
             return None
         self.steps += 1
+        wait = self.wait_s_last = self.wait_s(now, last)
         self.busy_s += seconds
         recent = sorted(self._intervals)
         stall = (
@@ -203,7 +234,6 @@ class StepClock:
         )
         if stall or self.log is not None:
             # Built only where kept: this runs on the scheduler every step.
-            wait = self.wait_s(now, last)
             entry = [
                 self.steps,
                 batch,
@@ -401,10 +431,12 @@ class StepCost:
     relative cost times the current level, so a drift that slows every K
     alike leaves the choice alone, and the choice between two K rests on
     steps taken back to back. A drift that slows one K and not another is
-    not handled: at Gemma 4 batch 64 K 7's steps move between two states
-    (medians 15.1 and 23.4 ms, same clock, same text) while K 15's stay at
-    25.1, so the better of the two is the state's, and a measurement holds
-    the state it fell in (docs/adaptive.md, Measured, thirteenth session).
+    not handled here: at Gemma 4 batch 64 K 7's steps move between two
+    states (medians 15.1 and 23.4 ms, same clock, same text) while K 15's
+    stay at 25.1, so the better of the two is the state's, and a
+    measurement holds the state it fell in (docs/adaptive.md, Measured,
+    thirteenth session). That drift is the host's, and under async
+    scheduling the policy splits it off (``AdaptiveDraftLength.seconds``).
     Where the next ``min_samples`` level samples come from other keys (the
     policy goes back to its best K after re-measuring a rival), the
     relative cost is taken over the level both before and after the
@@ -546,6 +578,26 @@ class StepCost:
             return None
         return _level_around(before, after, batch, n)
 
+    def bound(self, batch: int, k: int, seconds: float) -> None:
+        """A step of a measured key that took at most ``seconds``: where the
+        key's cost now is more, the level moves down to it, else it holds.
+
+        For the GPU's part of steps the host held up (``seconds``: the
+        interval, which the GPU needed no more than). Without these the
+        level would hold a slower phase's GPU time through a host-bound
+        stretch, and a key measured after it would be measured against that
+        level. Simulated with a host at 1-1.5x the K 0 step and a GPU whose
+        every step slows 1.8x for 64 steps in turn (scripts/simulate_adaptive.py
+        --host-fraction), K 0 and K 1 at low acceptance read alike and the
+        policy made 0.85x of the best fixed K where one level made 0.98x."""
+        key = (batch_bucket(batch), k)
+        relative, level = self.relative.get(key), self.level.get(key[0])
+        if relative is None or not level:
+            return
+        now = relative * statistics.median(s for _, s in level)
+        self._step(key, batch, min(seconds, now) / relative)
+        self._table = None
+
     def forget(self, batch: int, k: int) -> None:
         """Drop a key's samples and relative cost before it is re-measured:
         the new ones replace them rather than mix with another phase's."""
@@ -677,8 +729,13 @@ class AdaptiveDraftLength:
         explore_after: int = EXPLORE_AFTER,
         explore_horizon: float = EXPLORE_HORIZON,
         acceptance: AcceptanceEstimate | None = None,
+        overlapped: bool = True,
     ) -> None:
         self.k_max = k_max
+        # Whether the engine schedules a step while the one before runs
+        # (vLLM's async scheduling): only then is a step the longer of its
+        # host and GPU parts, and the host's wait used (``seconds``).
+        self.overlapped = overlapped
         self.ks = candidate_ks(k_max)
         self.min_samples = min_samples
         self.refresh_first = refresh_first
@@ -687,6 +744,16 @@ class AdaptiveDraftLength:
         self.explore_horizon = explore_horizon
         self.acceptance = acceptance or AcceptanceEstimate(k_max)
         self.cost = StepCost(min_samples)
+        # Where the clock times the host's wait (the drafter runs in the
+        # scheduler's process), a step's two parts (``seconds``): per batch
+        # bucket, the host's part of its last HOST_WINDOW steps (interval
+        # less wait), and per key the GPU's, from the steps the GPU held up
+        # (GPU_BOUND_WAIT); the keys whose steps reported a wait.
+        self.host: dict[int, deque[float]] = {}
+        self.gpu = StepCost(min_samples)
+        self._waited: set[tuple[int, int]] = set()
+        # The buckets with a K measured GPU-bound (``min_samples`` steps).
+        self._gpu_bound: set[int] = set()
         self.decisions: Counter[tuple[int, int]] = Counter()
         self.steps = 0
         # Run-length decisions in order: [first step, batch bucket, K, steps].
@@ -829,6 +896,7 @@ class AdaptiveDraftLength:
         )
         self._round[bucket] = (best_k, done | {k})
         self.cost.forget(batch, k)
+        self.gpu.forget(batch, k)
         self._challenger[bucket] = (k, False, 0)
         return self._measure_beside(bucket, k, best_k)
 
@@ -872,6 +940,7 @@ class AdaptiveDraftLength:
         if confirming or best_k != k:
             return None
         self.cost.confirm(batch, k)
+        self.gpu.confirm(batch, k)
         self._challenger[bucket] = (k, True, 0)
         return self._measure_beside(bucket, k, incumbent)
 
@@ -930,10 +999,51 @@ class AdaptiveDraftLength:
 
     def throughput(self, batch: int, k: int) -> float:
         """Expected output tokens per second at this batch with K = k."""
-        seconds = self.cost.estimate(batch, k)
+        seconds = self.seconds(batch, k)
         if seconds is None or seconds <= 0:
             return 0.0
         return batch * (1.0 + self.acceptance.expected_accepted(k)) / seconds
+
+    def seconds(self, batch: int, k: int) -> float | None:
+        """A step's seconds at this batch with K = k now.
+
+        Under async scheduling the host prepares the next step while the GPU
+        runs this one, so a step takes the longer of the two: max(host, GPU).
+        Where the clock times the host's wait, the estimate is that max of
+        the bucket's host level now (the median of its last HOST_WINDOW
+        steps' host part, whatever K they ran) and the K's GPU time (``gpu``:
+        a ``StepCost`` of the steps the GPU held up, so its level follows the
+        GPU alone; the host-bound steps only bound it, ``StepCost.bound``).
+        On the H200 (Gemma 4, batch 64) K 7's steps moved between 15 and 23
+        ms with the host while K 15's stayed at 25 (GPU-bound), so one level
+        scaled from whichever K ran mispriced the other: K 15 looked dear
+        after a fast stretch of K 7 and K 7 cheap after a slow one, until a
+        re-measurement (docs/adaptive.md, fourteenth session). A K the GPU
+        never held up is estimated by the host level alone (its GPU time was
+        below its host's). The host level is taken as the same for every K:
+        with async scheduling off, K 7 and K 15 there each took about 14 ms
+        over their GPU-bound steps.
+
+        The intervals (``cost``) estimate a K whose steps reported no wait
+        (the drafter in another process, a K 0 step on the V1 runner, which
+        launches no drafting) and every K of a bucket that has no K measured
+        GPU-bound: there the split says nothing (a CPU engine runs its model
+        in the host's own time, so every step reads host-bound) and every K
+        would cost the one host level. So does an engine without async
+        scheduling, where a step is the sum of the two parts."""
+        interval = self.cost.estimate(batch, k)
+        bucket = batch_bucket(batch)
+        host = self.host.get(bucket)
+        if (
+            interval is None
+            or bucket not in self._gpu_bound
+            or (bucket, k) not in self._waited
+            or not host
+        ):
+            return interval
+        gpu = self.gpu.estimate(batch, k)
+        level = statistics.median(host)
+        return level if gpu is None else max(level, gpu)
 
     # -- what the scheduler reports --------------------------------------
     def observe_request(self, num_drafts: int, num_accepted: int) -> None:
@@ -975,7 +1085,20 @@ class AdaptiveDraftLength:
         (k,) = ks
         if k not in self.ks or (next_k is not None and next_k != k):
             return
-        self.cost.observe(len(num_scheduled_tokens), k, seconds, self.steps)
+        batch = len(num_scheduled_tokens)
+        self.cost.observe(batch, k, seconds, self.steps)
+        wait = self.clock.wait_s_last if self.overlapped else None
+        if wait is not None:
+            bucket = batch_bucket(batch)
+            self._waited.add((bucket, k))
+            host = self.host.setdefault(bucket, deque(maxlen=HOST_WINDOW))
+            host.append(seconds - wait)
+            if wait > GPU_BOUND_WAIT * seconds:
+                self.gpu.observe(batch, k, seconds, self.steps)
+                if self.gpu.count(batch, k) >= self.min_samples:
+                    self._gpu_bound.add(bucket)
+            else:
+                self.gpu.bound(batch, k, seconds)
 
     def steps_per_k(self) -> dict[int, int]:
         """How many steps each K was chosen for, over all batch sizes."""
@@ -994,6 +1117,11 @@ class AdaptiveDraftLength:
         step clock's (``StepClock.snapshot``)."""
         return {
             "steps": self.steps,
+            # Whether the engine schedules with async scheduling, and the
+            # batch buckets where the policy splits a step into host and GPU
+            # parts (``seconds``).
+            "overlapped": self.overlapped,
+            "gpu_bound_buckets": sorted(self._gpu_bound),
             "steps_per_k": {str(k): n for k, n in self.steps_per_k().items()},
             # "b8/K7": steps of batch bucket 8 (batches 7..9) that chose K 7.
             "steps_per_batch_k": {
@@ -1002,13 +1130,15 @@ class AdaptiveDraftLength:
             },
             # "b8/K7": ms of a batch bucket 8 step at K 7 now (before the
             # caps; StepCost.current) and its sample count.
-            "step_ms": {
-                f"b{bucket}/K{k}": [
-                    round(1e3 * ms, 3),
-                    len(self.cost.recent[(bucket, k)]),
-                ]
-                for (bucket, k), ms in sorted(self.cost.current().items())
+            "step_ms": _ms_table(self.cost),
+            # "b8": the host's part of a batch bucket 8 step now, and "b8/K7"
+            # the GPU's of its K 7 step, where the clock times the host's
+            # wait (``seconds``).
+            "step_host_ms": {
+                f"b{bucket}": [round(1e3 * statistics.median(v), 3), len(v)]
+                for bucket, v in sorted(self.host.items())
             },
+            "step_gpu_ms": _ms_table(self.gpu),
             # "b8/K7": K 7's cost over batch bucket 8's level, as measured.
             "step_relative": {
                 f"b{bucket}/K{k}": round(r, 4)
@@ -1047,6 +1177,14 @@ class AdaptiveDraftLength:
         return "; ".join(parts) + f"; conditional acceptance [{rates}, ...]"
 
 
+def _ms_table(cost: StepCost) -> dict[str, list[float]]:
+    """``{"b8/K7": [ms now, samples]}`` for a snapshot."""
+    return {
+        f"b{bucket}/K{k}": [round(1e3 * seconds, 3), len(cost.recent[(bucket, k)])]
+        for (bucket, k), seconds in sorted(cost.current().items())
+    }
+
+
 # The policy of the last scheduler built in this process (for tests, the
 # benchmark and debugging; the scheduler holds its own reference).
 last_policy: AdaptiveDraftLength | None = None
@@ -1054,10 +1192,11 @@ last_policy: AdaptiveDraftLength | None = None
 LOG_EVERY = 4096
 
 
-def install(k_max: int) -> AdaptiveDraftLength:
-    """The policy for a scheduler with ``num_speculative_tokens = k_max``."""
+def install(k_max: int, *, overlapped: bool = True) -> AdaptiveDraftLength:
+    """The policy for a scheduler with ``num_speculative_tokens = k_max``;
+    ``overlapped``: whether it schedules with async scheduling."""
     global last_policy, last_clock
-    last_policy = AdaptiveDraftLength(k_max)
+    last_policy = AdaptiveDraftLength(k_max, overlapped=overlapped)
     last_clock = last_policy.clock
     get_logger(__name__).info(
         "vllm-dflash: adaptive draft length on (VLLM_DFLASH_ADAPTIVE_K=1): "

@@ -539,7 +539,11 @@ def patch_scheduler_adaptive(module: ModuleType) -> None:
         if getattr(spec, "method", None) != "dflash":
             return
         if adaptive_schedule_injected(spec):
-            self.dynamic_sd_lookup = adaptive.install(self.num_spec_tokens)
+            scheduler_config = getattr(self.vllm_config, "scheduler_config", None)
+            self.dynamic_sd_lookup = adaptive.install(
+                self.num_spec_tokens,
+                overlapped=bool(getattr(scheduler_config, "async_scheduling", False)),
+            )
         else:
             self._vllm_dflash_clock = adaptive.install_clock()
 

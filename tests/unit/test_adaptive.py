@@ -1342,3 +1342,203 @@ def test_the_simulated_two_state_engine_favours_k7_on_average_and_k15_when_slow(
     assert 1.05 < slow_rate[15] / slow_rate[7] < 1.10
     policy = script.run(adaptive.AdaptiveDraftLength(15), scenario, 0, 0.1, "none")
     assert 0.9 < policy[64] / fixed[7] < 1.0
+
+
+def test_told_the_hosts_wait_the_policy_follows_the_two_states(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The same engine whose drafter reports its launch: the policy sees
+    each step's host part (the slow state's floor, else about 14 ms at K 7
+    and K 15) apart from the GPU's, and runs K 15 in the slow state and K 7
+    in the fast one a couple of steps after each turn. It reads at fixed
+    K 7's level where it read 0.96-0.98x of it without (docs/adaptive.md,
+    fifteenth session); the fixed engines' steps are the same."""
+    script = _simulation_script(monkeypatch)
+    scenario = script.SCENARIOS["h200-gemma-b64-states"]
+    host = script.host_model(scenario, None)
+    assert host is not None
+    for seed in (0, 1):
+        fixed = {
+            k: script.run(k, scenario, seed, 0.1, "none", None, host)[64]
+            for k in (7, 15)
+        }
+        assert fixed == {
+            k: script.run(k, scenario, seed, 0.1, "none")[64] for k in (7, 15)
+        }
+        told = script.run(
+            adaptive.AdaptiveDraftLength(15), scenario, seed, 0.1, "none", None, host
+        )[64]
+        untold = script.run(
+            adaptive.AdaptiveDraftLength(15), scenario, seed, 0.1, "none"
+        )[64]
+        assert told / fixed[7] > 0.985 and told > untold * 1.005, (seed, told, untold)
+
+
+def two_part_steps(
+    policy: AdaptiveDraftLength,
+    host_ms: Callable[[int], float],
+    gpu_ms: dict[int, float],
+    steps: int,
+    *,
+    report_wait: bool = True,
+) -> list[int]:
+    """Drive ``policy`` at batch 64 as an async engine whose step ``i`` takes
+    max(host, GPU) ms: ``host_ms(i)`` whatever the K, ``gpu_ms[K]`` for the
+    K it verifies. With ``report_wait`` the drafter tells the clock when it
+    launched (``drafted_s``), so the clock times the host's wait. The K
+    chosen for each step, in order."""
+    clock, k, chosen = 0.0, 15, []
+    for i in range(steps):
+        k_next = policy[64]
+        chosen.append(k_next)
+        host, gpu = host_ms(i) / 1e3, gpu_ms[k] / 1e3
+        clock += max(host, gpu)
+        for _ in range(64):
+            policy.observe_request(k, min(k, 4))
+        if report_wait:
+            policy.clock.drafted_s = clock - max(0.0, gpu - host)
+        scheduled = {f"r{j}": 1 + k for j in range(64)}
+        drafts = {f"r{j}": [-1] * k for j in range(64)} if k else {}
+        policy.observe_step_output(scheduled, drafts, k_next, clock)
+        k = k_next
+    return chosen
+
+
+# Gemma 4's batch-64 GPU time per step on the H200 (fast-state steps,
+# thirteenth session) and the two host levels there.
+GEMMA_B64_GPU_MS = {0: 10.0, 1: 10.5, 3: 12.5, 7: 15.1, 15: 25.1}
+SLOW_HOST_MS, FAST_HOST_MS = 23.4, 9.0
+
+
+def test_the_host_wait_splits_a_step_into_host_and_gpu_parts() -> None:
+    """Every step with a reported wait gives the bucket's host level (its
+    interval less the wait); only a step the GPU held up gives its K a GPU
+    time. A host-bound K is estimated by the host level alone."""
+    policy = AdaptiveDraftLength(15)
+    two_part_steps(policy, lambda i: SLOW_HOST_MS, GEMMA_B64_GPU_MS, 200)
+    snap = policy.snapshot()
+    assert snap["step_host_ms"]["b64"][0] == pytest.approx(SLOW_HOST_MS, abs=0.01)
+    # Only K 15's steps outlast the host: K 0..7 have no GPU time.
+    assert set(snap["step_gpu_ms"]) == {"b64/K15"}
+    assert snap["step_gpu_ms"]["b64/K15"][0] == pytest.approx(25.1, abs=0.01)
+    assert policy.seconds(64, 7) == pytest.approx(SLOW_HOST_MS / 1e3, abs=1e-5)
+    assert policy.seconds(64, 15) == pytest.approx(0.0251, abs=1e-5)
+    # Every request accepts min(K, 4) drafts here: K 7 and K 15 make the
+    # same tokens, and K 7 costs the host's 23.4 ms where K 15 costs 25.1.
+    assert policy.steps_per_k()[7] > policy.steps_per_k()[15]
+
+
+def test_the_choice_follows_the_host_level_without_a_re_measurement() -> None:
+    """On the H200 (Gemma 4, batch 64) K 7's steps moved with the host
+    between 15 and 23 ms and K 15's stayed at 25 (GPU-bound); with decay
+    acceptance K 15 is worth it in the slow state only. Measured once in
+    each state, the policy switches within a few steps of each turn of the
+    host, where a cost scaled by one level from whichever K ran kept the
+    state of its last re-measurement (docs/adaptive.md, fourteenth
+    session)."""
+    survival = list(itertools.accumulate(DECAY_PROFILE, lambda a, b: a * b))
+
+    def run(report_wait: bool) -> list[int]:
+        policy = AdaptiveDraftLength(15)
+        rng = random.Random(0)
+
+        def host(i: int) -> float:
+            # 150 steps slow, 150 fast, in turn, from a slow start.
+            return SLOW_HOST_MS if i // 150 % 2 == 0 else FAST_HOST_MS
+
+        chosen: list[int] = []
+        clock, k = 0.0, 15
+        for i in range(1200):
+            k_next = policy[64]
+            chosen.append(k_next)
+            h, g = host(i) / 1e3, GEMMA_B64_GPU_MS[k] / 1e3
+            clock += max(h, g)
+            for _ in range(64):
+                u, accepted = rng.random(), 0
+                while accepted < k and u < survival[accepted]:
+                    accepted += 1
+                policy.observe_request(k, accepted)
+            if report_wait:
+                policy.clock.drafted_s = clock - max(0.0, g - h)
+            scheduled = {f"r{j}": 1 + k for j in range(64)}
+            drafts = {f"r{j}": [-1] * k for j in range(64)} if k else {}
+            policy.observe_step_output(scheduled, drafts, k_next, clock)
+            k = k_next
+        return chosen
+
+    def share(chosen: list[int], k: int, turn: int) -> float:
+        """K's share of a turn's steps past its first 10 (the reaction)."""
+        steps = chosen[150 * turn + 10 : 150 * (turn + 1)]
+        return steps.count(k) / len(steps)
+
+    with_wait = run(report_wait=True)
+    # Past the first turn (exploration), K 15 in the slow turns and K 7 in
+    # the fast ones, but for a re-measurement's few steps.
+    for turn in range(2, 8):
+        expected = 15 if turn % 2 == 0 else 7
+        assert share(with_wait, expected, turn) >= 0.9, (
+            turn,
+            with_wait[150 * turn :][:150],
+        )
+    # Without the wait the policy keeps the state it last measured in for
+    # much of a turn: it runs the right K in under 60% of the same steps.
+    without = run(report_wait=False)
+    right = [share(without, 15 if turn % 2 == 0 else 7, turn) for turn in range(2, 8)]
+    # (0.26-0.51 per turn here, where the wait makes 0.97.)
+    assert sum(right) / len(right) < 0.6, right
+
+
+def test_without_a_reported_wait_the_estimate_is_the_intervals() -> None:
+    """A drafter in another process (or the V1 runner's K 0 steps, which
+    launch none) reports no wait: every K is estimated from its intervals
+    alone, as before the wait was timed."""
+    policy = AdaptiveDraftLength(15)
+    two_part_steps(
+        policy, lambda i: SLOW_HOST_MS, GEMMA_B64_GPU_MS, 200, report_wait=False
+    )
+    assert policy.host == {} and policy.gpu.recent == {}
+    for k in policy.ks:
+        assert policy.seconds(64, k) == policy.cost.estimate(64, k)
+
+
+def test_steps_that_all_read_host_bound_leave_the_intervals_in_charge() -> None:
+    """A CPU engine runs its model inside the host's step: every wait is
+    about 0 and every step reads host-bound, whatever its K. With no K of a
+    bucket measured GPU-bound the split says nothing (every K would cost the
+    one host level, and the largest K would always win), so the intervals
+    estimate every K."""
+    policy = AdaptiveDraftLength(15)
+    # The "GPU" (here: the model on the CPU) runs inside the host's part.
+    gpu = {k: 10.0 + 2.0 * k for k in GEMMA_B64_GPU_MS}
+    clock, k = 0.0, 15
+    for _ in range(300):
+        k_next = policy[64]
+        clock += gpu[k] / 1e3
+        for _ in range(64):
+            policy.observe_request(k, min(k, 4))
+        policy.clock.drafted_s = clock - 0.0001  # 0.1 ms of bookkeeping
+        scheduled = {f"r{j}": 1 + k for j in range(64)}
+        drafts = {f"r{j}": [-1] * k for j in range(64)} if k else {}
+        policy.observe_step_output(scheduled, drafts, k_next, clock)
+        k = k_next
+    snap = policy.snapshot()
+    assert snap["gpu_bound_buckets"] == [] and snap["step_host_ms"]
+    for k in policy.ks:
+        assert policy.seconds(64, k) == policy.cost.estimate(64, k)
+    # Per request and ms: K 3 makes 4 tokens in 16 ms, K 7 5 in 24, K 15 5
+    # in 40. One host level for every K would make K 7 the best (the most
+    # tokens, the smaller K of a tie).
+    steps = policy.steps_per_k()
+    assert max(steps, key=steps.__getitem__) == 3, steps
+
+
+def test_without_async_scheduling_the_wait_is_not_used() -> None:
+    """Without async scheduling a step is its host part plus its GPU part,
+    not the longer of them: the policy ignores the wait there."""
+    policy = AdaptiveDraftLength(15, overlapped=False)
+    two_part_steps(policy, lambda i: SLOW_HOST_MS, GEMMA_B64_GPU_MS, 200)
+    snap = policy.snapshot()
+    assert snap["overlapped"] is False
+    assert snap["step_host_ms"] == {} and snap["gpu_bound_buckets"] == []
+    for k in policy.ks:
+        assert policy.seconds(64, k) == policy.cost.estimate(64, k)
