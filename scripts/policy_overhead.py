@@ -7,7 +7,8 @@ step's output arrives, ``observe_request`` once per request with its
 accepted drafts, and ``policy[batch]`` for the next step's K. This script
 feeds a steady decode at each batch size (every request runs 1 + K tokens,
 acceptance drawn from the bench's decay profile, a step's time from a fixed
-table with 5% noise) and times those calls together, beside the bare
+table with 5% noise, a third of it the host's wait for the GPU, as the
+speculator reports it) and times those calls together, beside the bare
 ``StepClock.tick`` a fixed-K engine's scheduler pays. It measures this
 machine's Python, not a GPU: compare the figure with a step's time.
 
@@ -56,7 +57,11 @@ def time_policy(batch: int, steps: int, k_max: int, seed: int) -> dict[str, Any]
         scheduled = {r: 1 + k for r in requests}
         drafts = {r: [0] * k for r in requests}
         draws = [_accepted(rng.random(), SURVIVAL, k) for _ in requests]
-        now += step_seconds(batch, k) * (1 + 0.05 * rng.random())
+        step = step_seconds(batch, k) * (1 + 0.05 * rng.random())
+        now += step
+        # The speculator's mark (async scheduling on a GPU): the host waited
+        # for the GPU a third of the step, so the policy splits it.
+        policy.clock.drafted_s = now - step / 3
         start = time.perf_counter()
         policy.observe_step_output(scheduled, drafts, k, now)
         for n in draws:

@@ -748,8 +748,11 @@ class AdaptiveDraftLength:
         # scheduler's process), a step's two parts (``seconds``): per batch
         # bucket, the host's part of its last HOST_WINDOW steps (interval
         # less wait), and per key the GPU's, from the steps the GPU held up
-        # (GPU_BOUND_WAIT); the keys whose steps reported a wait.
+        # (GPU_BOUND_WAIT); the keys whose steps reported a wait. The host
+        # level (the median of ``host``) is kept per bucket, updated per step
+        # rather than per candidate K asked about.
         self.host: dict[int, deque[float]] = {}
+        self._host_level: dict[int, float] = {}
         self.gpu = StepCost(min_samples)
         self._waited: set[tuple[int, int]] = set()
         # The buckets with a K measured GPU-bound (``min_samples`` steps).
@@ -1033,16 +1036,15 @@ class AdaptiveDraftLength:
         scheduling, where a step is the sum of the two parts."""
         interval = self.cost.estimate(batch, k)
         bucket = batch_bucket(batch)
-        host = self.host.get(bucket)
+        level = self._host_level.get(bucket)
         if (
             interval is None
+            or level is None
             or bucket not in self._gpu_bound
             or (bucket, k) not in self._waited
-            or not host
         ):
             return interval
         gpu = self.gpu.estimate(batch, k)
-        level = statistics.median(host)
         return level if gpu is None else max(level, gpu)
 
     # -- what the scheduler reports --------------------------------------
@@ -1093,6 +1095,7 @@ class AdaptiveDraftLength:
             self._waited.add((bucket, k))
             host = self.host.setdefault(bucket, deque(maxlen=HOST_WINDOW))
             host.append(seconds - wait)
+            self._host_level[bucket] = statistics.median(host)
             if wait > GPU_BOUND_WAIT * seconds:
                 self.gpu.observe(batch, k, seconds, self.steps)
                 if self.gpu.count(batch, k) >= self.min_samples:
