@@ -112,9 +112,9 @@ GEMMA4_H200_B64_STEP_MS = {0: 10.0, 1: 10.5, 3: 12.5, 7: 15.1, 15: 25.1}
 GEMMA4_H200_B64_SLOW_FLOOR_MS = 23.4
 # The host's part of those steps in the fast state: about 14 ms at K 7 and K
 # 15 (fourteenth session, async scheduling off: K 7 29.29 and K 15 38.85 ms,
-# each about 14 ms over its fast-state step), less at the small K whose
-# steps took 10-12.5 ms (under their step, scaled as K 7's). The slow state's
-# host is its floor.
+# each about 14 ms over its fast-state step). The small K's steps took
+# 10-12.5 ms, so their host part is below that: put at 85-88% of the step
+# (not measured). The slow state's host is its floor.
 GEMMA4_H200_B64_HOST_MS = {0: 8.5, 1: 9.0, 3: 11.0, 7: 14.0, 15: 14.0}
 # The slow state's turns: a fast step turns slow with HOST_SLOW_ENTER, a slow
 # one fast with HOST_SLOW_LEAVE: a third of the steps fast, in stretches of 8

@@ -143,10 +143,13 @@ MEASUREMENTS_KEPT = 128
 # fraction of its interval was held up by the GPU: its interval is the GPU's
 # time for the step. One that waited less was held up by the host, and says
 # only that the GPU needed no more. Where the GPU is done first, the host
-# still runs the end of its step after the drafter's launch (the V2 runner's
-# draft-token bookkeeping, the engine core's queue) before it asks: a
-# fraction of a millisecond, under 5% of the H200 steps it could be mistaken
-# in (about 6 ms and more).
+# still runs the end of its step after the drafter's launch (the runner's
+# draft-token bookkeeping, the engine core's queue) before it asks: 0.1-0.4
+# ms in this repository's 2-core CPU engines, against H200 steps of 6 ms and
+# more on a faster host. A misread is mild either way: a host-bound step
+# read as GPU-bound gives its interval as its GPU time (the estimate without
+# the split), and a GPU-bound one read as host-bound took about its host's
+# time.
 GPU_BOUND_WAIT = 0.05
 # The host level (``AdaptiveDraftLength.seconds``) is the median of a
 # bucket's last HOST_WINDOW steps' host parts: on the H200 (Gemma 4, batch
@@ -194,8 +197,8 @@ class StepClock:
     batch-64 step read like host work at K 7 and like GPU work at K 15
     (docs/adaptive.md, fourteenth session); the wait tells them apart step
     by step. None where no drafting was launched since the last output (a
-    worker in another process). A kept log adds the process's CPU seconds
-    over the interval (``time.process_time``: every thread of the engine)."""
+    worker in another process). A kept log adds the process's CPU time over
+    the interval in ms (``time.process_time``: every thread of the engine)."""
 
     steps: int = 0
     busy_s: float = 0.0
@@ -1068,7 +1071,9 @@ class AdaptiveDraftLength:
         with one K for all, and ``next_k == K``: a step that switches K
         drafts for the other K (the V1 runner skips the drafter when the
         next K is 0), so it stands for neither. Nor is a step taken soon
-        after half its batch or more prefilled (``YOUNG_STEPS``).
+        after half its batch or more prefilled (``YOUNG_STEPS``). A sample
+        whose host wait the clock timed also gives the host level and, by
+        its wait, the K's GPU time or a bound on it (``seconds``).
         """
         ks = {len(scheduled_drafts.get(r, ())) for r in num_scheduled_tokens}
         seconds = self.clock.tick(now, len(num_scheduled_tokens), max(ks, default=0))

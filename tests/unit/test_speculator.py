@@ -5,6 +5,7 @@ CUDA: scripts/gpu_checks.py covers it there)."""
 
 from __future__ import annotations
 
+import time
 import types
 from collections.abc import Callable
 from typing import Any
@@ -279,3 +280,22 @@ def test_a_k0_warm_up_step_builds_the_block_kernel_once(device: str) -> None:
     step()
     assert stored == [5, 5]
     assert (ids == -7).all()  # no block: nothing is drafted at K 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_step_tells_the_schedulers_clock_its_host_work_is_done(device: str) -> None:
+    """Each propose ends by marking the scheduler's step clock in this
+    process (``adaptive.drafted``), from which the clock times the host's
+    wait for the GPU; a K-0 step, which only stores the context, too."""
+    from vllm_dflash import adaptive
+
+    _, _, step = _speculator_at_k0(device)
+    saved = adaptive.last_clock
+    try:
+        clock = adaptive.install_clock()
+        before = time.perf_counter()
+        step()
+        assert clock.drafted_s is not None
+        assert before <= clock.drafted_s <= time.perf_counter()
+    finally:
+        adaptive.last_clock = saved
