@@ -1381,12 +1381,14 @@ def two_part_steps(
     steps: int,
     *,
     report_wait: bool = True,
+    accepted: Callable[[int], int] = lambda k: min(k, 4),
 ) -> list[int]:
     """Drive ``policy`` at batch 64 as an async engine whose step ``i`` takes
     max(host, GPU) ms: ``host_ms(i)`` whatever the K, ``gpu_ms[K]`` for the
-    K it verifies. With ``report_wait`` the drafter tells the clock when it
-    launched (``drafted_s``), so the clock times the host's wait. The K
-    chosen for each step, in order."""
+    K it verifies; each request accepts ``accepted(K)`` drafts. With
+    ``report_wait`` the drafter tells the clock when it launched
+    (``drafted_s``), so the clock times the host's wait. The K chosen for
+    each step, in order."""
     clock, k, chosen = 0.0, 15, []
     for i in range(steps):
         k_next = policy[64]
@@ -1394,7 +1396,7 @@ def two_part_steps(
         host, gpu = host_ms(i) / 1e3, gpu_ms[k] / 1e3
         clock += max(host, gpu)
         for _ in range(64):
-            policy.observe_request(k, min(k, 4))
+            policy.observe_request(k, accepted(k))
         if report_wait:
             policy.clock.drafted_s = clock - max(0.0, gpu - host)
         scheduled = {f"r{j}": 1 + k for j in range(64)}
@@ -1439,32 +1441,23 @@ def test_the_choice_follows_the_host_level_without_a_re_measurement() -> None:
     survival = list(itertools.accumulate(DECAY_PROFILE, lambda a, b: a * b))
 
     def run(report_wait: bool) -> list[int]:
-        policy = AdaptiveDraftLength(15)
         rng = random.Random(0)
 
-        def host(i: int) -> float:
-            # 150 steps slow, 150 fast, in turn, from a slow start.
-            return SLOW_HOST_MS if i // 150 % 2 == 0 else FAST_HOST_MS
+        def accepted(k: int) -> int:
+            u, n = rng.random(), 0
+            while n < k and u < survival[n]:
+                n += 1
+            return n
 
-        chosen: list[int] = []
-        clock, k = 0.0, 15
-        for i in range(1200):
-            k_next = policy[64]
-            chosen.append(k_next)
-            h, g = host(i) / 1e3, GEMMA_B64_GPU_MS[k] / 1e3
-            clock += max(h, g)
-            for _ in range(64):
-                u, accepted = rng.random(), 0
-                while accepted < k and u < survival[accepted]:
-                    accepted += 1
-                policy.observe_request(k, accepted)
-            if report_wait:
-                policy.clock.drafted_s = clock - max(0.0, g - h)
-            scheduled = {f"r{j}": 1 + k for j in range(64)}
-            drafts = {f"r{j}": [-1] * k for j in range(64)} if k else {}
-            policy.observe_step_output(scheduled, drafts, k_next, clock)
-            k = k_next
-        return chosen
+        return two_part_steps(
+            AdaptiveDraftLength(15),
+            # 150 steps slow, 150 fast, in turn, from a slow start.
+            lambda i: SLOW_HOST_MS if i // 150 % 2 == 0 else FAST_HOST_MS,
+            GEMMA_B64_GPU_MS,
+            1200,
+            report_wait=report_wait,
+            accepted=accepted,
+        )
 
     def share(chosen: list[int], k: int, turn: int) -> float:
         """K's share of a turn's steps past its first 10 (the reaction)."""
