@@ -1143,8 +1143,8 @@ class AdaptiveDraftLength:
             # the GPU's of its K 7 step, where the clock times the host's
             # wait (``seconds``).
             "step_host_ms": {
-                f"b{bucket}": [round(1e3 * statistics.median(v), 3), len(v)]
-                for bucket, v in sorted(self.host.items())
+                f"b{bucket}": [round(1e3 * level, 3), len(self.host[bucket])]
+                for bucket, level in sorted(self._host_level.items())
             },
             "step_gpu_ms": _ms_table(self.gpu),
             # "b8/K7": K 7's cost over batch bucket 8's level, as measured.
