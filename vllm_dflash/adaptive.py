@@ -735,9 +735,11 @@ class AdaptiveDraftLength:
         overlapped: bool = True,
     ) -> None:
         self.k_max = k_max
-        # Whether the engine schedules a step while the one before runs
-        # (vLLM's async scheduling): only then is a step the longer of its
-        # host and GPU parts, and the host's wait used (``seconds``).
+        # Whether the engine schedules a step while the one before runs and
+        # its host waits for the GPU only at a step's output (async
+        # scheduling on the V2 runner, ``patching.host_waits_once``): only
+        # then is a step the longer of its host and GPU parts, and the
+        # host's wait used (``seconds``).
         self.overlapped = overlapped
         self.ks = candidate_ks(k_max)
         self.min_samples = min_samples
@@ -1202,7 +1204,8 @@ LOG_EVERY = 4096
 
 def install(k_max: int, *, overlapped: bool = True) -> AdaptiveDraftLength:
     """The policy for a scheduler with ``num_speculative_tokens = k_max``;
-    ``overlapped``: whether it schedules with async scheduling."""
+    ``overlapped``: whether a step is the longer of its host and GPU parts
+    and the host's wait is the GPU's share (``patching.host_waits_once``)."""
     global last_policy, last_clock
     last_policy = AdaptiveDraftLength(k_max, overlapped=overlapped)
     last_clock = last_policy.clock

@@ -539,10 +539,8 @@ def patch_scheduler_adaptive(module: ModuleType) -> None:
         if getattr(spec, "method", None) != "dflash":
             return
         if adaptive_schedule_injected(spec):
-            scheduler_config = getattr(self.vllm_config, "scheduler_config", None)
             self.dynamic_sd_lookup = adaptive.install(
-                self.num_spec_tokens,
-                overlapped=bool(getattr(scheduler_config, "async_scheduling", False)),
+                self.num_spec_tokens, overlapped=host_waits_once(self.vllm_config)
             )
         else:
             self._vllm_dflash_clock = adaptive.install_clock()
@@ -600,6 +598,28 @@ def patch_scheduler_adaptive(module: ModuleType) -> None:
     cls.__init__ = __init__
     cls.update_from_output = update_from_output
     cls.make_spec_decoding_stats = make_spec_decoding_stats
+
+
+def host_waits_once(vllm_config: Any) -> bool:
+    """Whether the engine's host blocks on the GPU only for a step's output.
+
+    Only then is the policy's wait (from the drafter's launch to the output)
+    the GPU's share of a step, and a step the longer of its host and GPU
+    parts (``AdaptiveDraftLength.overlapped``). That holds for async
+    scheduling on the V2 runner (vLLM 0.26 ``v1/worker/gpu/model_runner.py``:
+    nothing in ``execute_model`` or ``sample_tokens`` waits on the GPU; the
+    engine core waits in ``AsyncOutput.get_output``). Not on the V1 runner:
+    with async scheduling and drafts, ``execute_model`` launches the target
+    and then waits for the previous step's accepted counts
+    (``_get_valid_sampled_token_count``), before the drafter is launched,
+    so the wait after the launch misses that block and a GPU-bound step
+    would read host-bound. Not without async scheduling: there a step is
+    the sum of the parts.
+    """
+    scheduler_config = getattr(vllm_config, "scheduler_config", None)
+    return bool(getattr(scheduler_config, "async_scheduling", False)) and bool(
+        getattr(vllm_config, "use_v2_model_runner", False)
+    )
 
 
 def _policy_of(scheduler: Any) -> adaptive.AdaptiveDraftLength | None:

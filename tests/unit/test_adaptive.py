@@ -15,7 +15,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
-from types import ModuleType
+from types import ModuleType, SimpleNamespace
 
 import pytest
 
@@ -619,8 +619,6 @@ def test_drafter_graphs_are_planned_for_every_drafting_k() -> None:
     set: the drafter's manager sees every K > 0 of it (a block of K + 1 per K;
     K 0 drafts nothing), and the full schedule is back afterwards, also when
     building fails."""
-    from types import SimpleNamespace
-
     from vllm_dflash import compat
 
     schedule = adaptive.capture_schedule(15)
@@ -1535,3 +1533,20 @@ def test_without_async_scheduling_the_wait_is_not_used() -> None:
     assert snap["step_host_ms"] == {} and snap["gpu_bound_buckets"] == []
     for k in policy.ks:
         assert policy.seconds(64, k) == policy.cost.estimate(64, k)
+
+
+@pytest.mark.parametrize(
+    ("async_scheduling", "v2_runner", "expected"),
+    [(True, True, True), (True, False, False), (False, True, False)],
+)
+def test_the_wait_is_used_only_with_async_scheduling_on_the_v2_runner(
+    async_scheduling: bool, v2_runner: bool, expected: bool
+) -> None:
+    """The V1 runner waits for the GPU before the drafter's launch as well
+    (test_patch_ledger reads where), so the wait after it is not the GPU's
+    share of the step there."""
+    config = SimpleNamespace(
+        scheduler_config=SimpleNamespace(async_scheduling=async_scheduling),
+        use_v2_model_runner=v2_runner,
+    )
+    assert patching.host_waits_once(config) is expected

@@ -172,3 +172,45 @@ def test_v2_runner_of_0_26_does_not_pass_the_scheduled_k() -> None:
     assert "num_spec_tokens_to_schedule" not in runner
     newer = Path(vllm_sources("0.32.0", [path]), "vllm", path).read_text()
     assert "num_speculative_tokens=num_spec_tokens" in newer
+
+
+def _method(source: str, cls: str, name: str) -> str:
+    """The source text of method ``name`` of class ``cls``."""
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ClassDef) and node.name == cls:
+            for item in node.body:
+                if isinstance(item, ast.FunctionDef) and item.name == name:
+                    return ast.get_source_segment(source, item) or ""
+    raise LookupError(f"{cls}.{name} not found")
+
+
+def test_only_the_v2_runner_of_0_26_waits_for_the_gpu_once_a_step() -> None:
+    """``patching.host_waits_once``: the adaptive policy splits a step into a
+    host and a GPU part by the host's wait after the drafter's launch, which
+    is the GPU's share only where nothing earlier in the step waits on it.
+    vLLM 0.26's V2 runner launches a step without waiting (the engine core
+    waits in ``AsyncOutput.get_output``); its V1 runner, under async
+    scheduling with drafts, waits in ``execute_model`` for the previous
+    step's accepted counts, which the DFlash branch of
+    ``propose_draft_token_ids`` copies before launching the drafter."""
+    v2_path, out_path = "v1/worker/gpu/model_runner.py", "v1/worker/gpu/async_utils.py"
+    root = vllm_sources(FIXED, [v2_path, out_path, RUNNER])
+    v2 = Path(root, "vllm", v2_path).read_text()
+    for name in ("execute_model", "sample_tokens"):
+        body = _method(v2, "GPUModelRunner", name)
+        assert "synchronize(" not in body and ".item()" not in body, name
+    get_output = _method(
+        Path(root, "vllm", out_path).read_text(), "AsyncOutput", "get_output"
+    )
+    assert "self.copy_event.synchronize()" in get_output
+
+    v1 = Path(root, "vllm", RUNNER).read_text()
+    execute = _method(v1, "GPUModelRunner", "execute_model")
+    assert "deferred_state_corrections_fn()" in execute
+    counts = _method(v1, "GPUModelRunner", "_get_valid_sampled_token_count")
+    assert "sampled_count_event.synchronize()" in counts
+    propose = _method(v1, "GPUModelRunner", "propose_draft_token_ids")
+    dflash = propose[propose.index("spec_config.use_dflash()") :]
+    assert dflash.index("_copy_valid_sampled_token_count(") < dflash.index(
+        "self.drafter.propose("
+    )
