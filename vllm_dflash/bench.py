@@ -37,7 +37,7 @@ from itertools import pairwise
 from pathlib import Path
 from typing import Any, TypeVar
 
-from vllm_dflash.adaptive import candidate_ks
+from vllm_dflash.adaptive import GPU_BOUND_WAIT, candidate_ks
 from vllm_dflash.config import DFlashConfigError
 from vllm_dflash.engine import (
     adaptive_snapshot,
@@ -1291,6 +1291,75 @@ def summarize(rows: list[BenchRow]) -> list[dict[str, Any]]:
     return out
 
 
+def step_split(rows: list[BenchRow]) -> list[dict[str, Any]]:
+    """Where each fixed-batch step's time went (``--step-log``): per mode,
+    batch and K, the logged steps at the row's batch (a pass's tail, at
+    smaller batches, is left out) and their median interval (``ms``). Where
+    the clock timed the host's wait for the GPU (``StepClock.wait_s``), also
+    the median wait, the host's part (interval less wait) and the share of
+    steps the GPU held up (a wait over GPU_BOUND_WAIT of the interval, the
+    adaptive policy's test); ``cpu_ms``: the engine process's CPU time per
+    step. Under async scheduling on the V2 runner a step takes the longer of
+    its host and GPU parts: a step with no wait was the host's. Logs of
+    older runs (``[step, batch, K, ms]``) give intervals only."""
+    out = []
+    for row in _sorted(rows):
+        by_k: dict[int, list[list[Any]]] = {}
+        for clock in row.pass_clock:
+            for entry in clock.get("log", ()):
+                if entry[1] == row.batch:
+                    by_k.setdefault(entry[2], []).append(entry)
+        for k, steps in sorted(by_k.items()):
+            waited = [(e[3], e[4]) for e in steps if len(e) > 4 and e[4] is not None]
+            cpu = [e[5] for e in steps if len(e) > 5 and e[5] is not None]
+            out.append(
+                {
+                    "mode": row.mode,
+                    "batch": row.batch,
+                    "k": k,
+                    "steps": len(steps),
+                    "ms": statistics.median(e[3] for e in steps),
+                    "waited_steps": len(waited),
+                    "wait_ms": _median_or_none(w for _, w in waited),
+                    "host_ms": _median_or_none(ms - w for ms, w in waited),
+                    "gpu_bound": (
+                        sum(w > GPU_BOUND_WAIT * ms for ms, w in waited) / len(waited)
+                        if waited
+                        else None
+                    ),
+                    "cpu_ms": _median_or_none(cpu),
+                }
+            )
+    return out
+
+
+def _median_or_none(values: Any) -> float | None:
+    values = list(values)
+    return statistics.median(values) if values else None
+
+
+def print_step_split(split: list[dict[str, Any]]) -> None:
+    """``step_split``'s table: one line per mode, batch and K."""
+    if not split:
+        return
+    width = max([10, *(len(s["mode"]) for s in split)])
+    print(
+        f"{'mode':>{width}} {'batch':>6} {'K':>3} {'steps':>6} {'step ms':>8} "
+        f"{'wait ms':>8} {'host ms':>8} {'GPU-bound':>9} {'CPU ms':>7}"
+    )
+
+    def ms(x: float | None) -> str:
+        return "-" if x is None else f"{x:.2f}"
+
+    for s in split:
+        share = "-" if s["gpu_bound"] is None else f"{100 * s['gpu_bound']:.0f}%"
+        print(
+            f"{s['mode']:>{width}} {s['batch']:>6} {s['k']:>3} {s['steps']:>6} "
+            f"{ms(s['ms']):>8} {ms(s['wait_ms']):>8} {ms(s['host_ms']):>8} "
+            f"{share:>9} {ms(s['cpu_ms']):>7}"
+        )
+
+
 def _ratio(x: float | None) -> str:
     return "-" if x is None else f"{x:.2f}x"
 
@@ -1603,6 +1672,7 @@ def write_json(
                 "meta": {**meta, "complete": done},
                 "rows": [asdict(r) for r in _sorted(rows)],
                 "summary": summarize(rows),
+                "step_split": step_split(rows),
                 "long_rows": [asdict(r) for r in long_rows],
             },
             indent=2,
@@ -1810,6 +1880,7 @@ def bench_command(args: argparse.Namespace) -> int:
             )
     add([], True)
     print_table(rows, args.k)
+    print_step_split(step_split(rows))
     if long_rows:
         print_long(long_rows)
     if rows:

@@ -104,6 +104,15 @@ def test_bench_writes_table_json_and_plot(tmp_path: Path) -> None:
             assert {entry[2] for entry in log} <= (
                 {3} if mode == "plugin-k3" else {0, 1, 3, 7}
             )
+    # The step table: every fixed-K step timed its wait here, so each has a
+    # host part, inside its interval.
+    split = {(s["mode"], s["batch"], s["k"]): s for s in data["step_split"]}
+    for b in (1, 2):
+        fixed = split["plugin-k3", b, 3]
+        assert fixed["waited_steps"] == fixed["steps"] > 0
+        assert 0 < fixed["host_ms"] <= fixed["ms"] and 0 <= fixed["gpu_bound"] <= 1
+    assert {mode for mode, _, _ in split} == {"plugin-k3", "adaptive"}
+    assert "host ms" in proc.stdout
     # Every pass records the host's CPU time and context switches over it;
     # the engine core runs in this process here (no multiprocessing), so
     # both readings are this process's, taken a moment apart.

@@ -185,6 +185,69 @@ def test_summary_and_table_name_every_mode(capsys: pytest.CaptureFixture[str]) -
     assert "adaptive/best" in table and "1.20x" in table
 
 
+def test_step_split_reads_each_k_s_host_and_gpu_parts(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``--step-log``'s table: per mode, batch and K, the steps at the row's
+    batch (not its tail's), their median interval, wait, host part and the
+    share the GPU held up; an old log without waits gives intervals only."""
+    k7 = _row("plugin-k7", 64, 900.0, 7)
+    # Host-bound at 15 ms (waits about 0), one late step at 23 ms the GPU
+    # held up for 9 ms, a tail step at batch 60 and the CPU ms per step.
+    k7.pass_clock = [
+        {"log": [[1, 64, 7, 15.0, 0.2, 14.0], [2, 64, 7, 15.4, 0.1, 14.5]]},
+        {"log": [[1, 64, 7, 23.0, 9.0, 13.8], [2, 60, 7, 40.0, 30.0, 9.0]]},
+    ]
+    k15 = _row("plugin", 64, 800.0, 15)
+    k15.pass_clock = [{"log": [[1, 64, 15, 25.0, 11.0, 14.0]] * 3}]
+    old = _row("adaptive", 64, 850.0, 15)
+    old.pass_clock = [{"log": [[1, 64, 3, 12.0], [2, 64, 7, 16.0], [3, 64, 7, 18.0]]}]
+    split = {(s["mode"], s["k"]): s for s in bench.step_split([old, k15, k7])}
+    assert list(split) == [
+        ("plugin-k7", 7),
+        ("plugin", 15),
+        ("adaptive", 3),
+        ("adaptive", 7),
+    ]
+    seven = split["plugin-k7", 7]
+    assert (seven["steps"], seven["waited_steps"]) == (3, 3)
+    assert seven["ms"] == 15.4 and seven["wait_ms"] == pytest.approx(0.2)
+    assert seven["host_ms"] == pytest.approx(14.8)  # 14.8, 15.3, 14.0
+    assert seven["gpu_bound"] == pytest.approx(1 / 3)
+    assert seven["cpu_ms"] == 14.0
+    fifteen = split["plugin", 15]
+    assert (fifteen["host_ms"], fifteen["gpu_bound"]) == (14.0, 1.0)
+    assert split["adaptive", 7]["ms"] == 17.0
+    assert split["adaptive", 7]["wait_ms"] is None
+    assert split["adaptive", 7]["gpu_bound"] is None
+    assert split["adaptive", 7]["cpu_ms"] is None
+    assert bench.step_split([_row("none", 64, 500.0, 0)]) == []
+    bench.print_step_split(list(split.values()))
+    table = capsys.readouterr().out.splitlines()
+    assert table[1].split() == [
+        "plugin-k7",
+        "64",
+        "7",
+        "3",
+        "15.40",
+        "0.20",
+        "14.80",
+        "33%",
+        "14.00",
+    ]
+    assert table[-1].split() == [
+        "adaptive",
+        "64",
+        "7",
+        "2",
+        "17.00",
+        "-",
+        "-",
+        "-",
+        "-",
+    ]
+
+
 def _bench_with(
     monkeypatch: pytest.MonkeyPatch, fake_run_engines: Any, argv: list[str]
 ) -> int:
