@@ -611,10 +611,10 @@ def host_waits_once(vllm_config: Any) -> bool:
     engine core waits in ``AsyncOutput.get_output``). Not on the V1 runner:
     with async scheduling and drafts, ``execute_model`` launches the target
     and then waits for the previous step's accepted counts
-    (``_get_valid_sampled_token_count``), before the drafter is launched,
-    so the wait after the launch misses that block and a GPU-bound step
-    would read host-bound. Not without async scheduling: there a step is
-    the sum of the parts.
+    (``_get_valid_sampled_token_count``; copied before that step's drafter
+    ran), so the wait timed after the drafter's launch misses that block
+    and a GPU-bound step would read host-bound. Not without async
+    scheduling: there a step is the sum of the parts.
     """
     scheduler_config = getattr(vllm_config, "scheduler_config", None)
     return bool(getattr(scheduler_config, "async_scheduling", False)) and bool(
