@@ -75,7 +75,7 @@ case "$1" in
     kill $copier $logger 2>/dev/null
     cp "$WORK/$name/bench.json" "$WORK/$name/bench.png" "$OUT/$name/" 2>/dev/null
     for log in "$WORK/$name"/*.log; do tail -c 12000 "$log" > "$OUT/$name/$(basename "$log")"; done
-    tail -n 30 "$OUT/$name/bench.log"
+    tail -n 70 "$OUT/$name/bench.log"  # the tables: rows, summary, steps
     ;;
   retire-vllm)
     # Keep the installed vLLM aside and clear the stash for the next one.
