@@ -1063,6 +1063,8 @@ class AdaptiveDraftLength:
         scheduled_drafts: dict[str, list[int]],
         next_k: int | None,
         now: float,
+        *,
+        blocked_earlier: bool = False,
     ) -> None:
         """Called as each step's output reaches the scheduler.
 
@@ -1075,7 +1077,11 @@ class AdaptiveDraftLength:
         next K is 0), so it stands for neither. Nor is a step taken soon
         after half its batch or more prefilled (``YOUNG_STEPS``). A sample
         whose host wait the clock timed also gives the host level and, by
-        its wait, the K's GPU time or a bound on it (``seconds``).
+        its wait, the K's GPU time or a bound on it (``seconds``), unless
+        ``blocked_earlier``: the host also waited on the GPU before it
+        launched the step's drafting, so the wait misses part of the GPU's
+        share (vLLM samples a step with structured-output requests only
+        after the output before it and that step's drafts are on the host).
         """
         ks = {len(scheduled_drafts.get(r, ())) for r in num_scheduled_tokens}
         seconds = self.clock.tick(now, len(num_scheduled_tokens), max(ks, default=0))
@@ -1096,8 +1102,8 @@ class AdaptiveDraftLength:
             return
         batch = len(num_scheduled_tokens)
         self.cost.observe(batch, k, seconds, self.steps)
-        wait = self.clock.wait_s_last if self.overlapped else None
-        if wait is not None:
+        wait = self.clock.wait_s_last
+        if wait is not None and self.overlapped and not blocked_earlier:
             bucket = batch_bucket(batch)
             self._waited.add((bucket, k))
             host = self.host.setdefault(bucket, deque(maxlen=HOST_WINDOW))

@@ -563,6 +563,12 @@ def patch_scheduler_adaptive(module: ModuleType) -> None:
                 drafts,
                 getattr(scheduler_output, "num_spec_tokens_to_schedule", None),
                 time.perf_counter(),
+                # The engine core sampled this step only after the previous
+                # output and its drafts reached the host (vLLM 0.26's
+                # ``EngineCore.step_with_batch_queue``; host_waits_once).
+                blocked_earlier=bool(
+                    getattr(scheduler_output, "pending_structured_output_tokens", False)
+                ),
             )
         elif clock is not None:
             largest = max(map(len, drafts.values()), default=0)

@@ -21,6 +21,7 @@ import pytest
 
 from vllm_dflash import adaptive, patching
 from vllm_dflash.adaptive import (
+    HOST_WINDOW,
     MIN_SAMPLES,
     AcceptanceEstimate,
     AdaptiveDraftLength,
@@ -1380,13 +1381,18 @@ def two_part_steps(
     *,
     report_wait: bool = True,
     accepted: Callable[[int], int] = lambda k: min(k, 4),
+    blocked_earlier: Callable[[int], bool] = lambda i: False,
+    tell_policy: bool = True,
 ) -> list[int]:
     """Drive ``policy`` at batch 64 as an async engine whose step ``i`` takes
     max(host, GPU) ms: ``host_ms(i)`` whatever the K, ``gpu_ms[K]`` for the
     K it verifies; each request accepts ``accepted(K)`` drafts. With
     ``report_wait`` the drafter tells the clock when it launched
-    (``drafted_s``), so the clock times the host's wait. The K chosen for
-    each step, in order."""
+    (``drafted_s``), so the clock times the host's wait. Where
+    ``blocked_earlier(i)`` the host waited for the GPU before the launch (a
+    step with structured-output requests), so the wait reads 0 whatever the
+    GPU's part, and (``tell_policy``) the policy is told so. The K chosen
+    for each step, in order."""
     clock, k, chosen = 0.0, 15, []
     for i in range(steps):
         k_next = policy[64]
@@ -1395,11 +1401,15 @@ def two_part_steps(
         clock += max(host, gpu)
         for _ in range(64):
             policy.observe_request(k, accepted(k))
+        blocked = blocked_earlier(i)
         if report_wait:
-            policy.clock.drafted_s = clock - max(0.0, gpu - host)
+            wait = 0.0 if blocked else max(0.0, gpu - host)
+            policy.clock.drafted_s = clock - wait
         scheduled = {f"r{j}": 1 + k for j in range(64)}
         drafts = {f"r{j}": [-1] * k for j in range(64)} if k else {}
-        policy.observe_step_output(scheduled, drafts, k_next, clock)
+        policy.observe_step_output(
+            scheduled, drafts, k_next, clock, blocked_earlier=blocked and tell_policy
+        )
         k = k_next
     return chosen
 
@@ -1533,6 +1543,38 @@ def test_without_async_scheduling_the_wait_is_not_used() -> None:
     assert snap["step_host_ms"] == {} and snap["gpu_bound_buckets"] == []
     for k in policy.ks:
         assert policy.seconds(64, k) == policy.cost.estimate(64, k)
+
+
+def test_a_step_whose_host_waited_before_drafting_gives_no_host_part() -> None:
+    """A step with structured-output requests is sampled after the output
+    before it and its drafts reach the host: the wait after the drafter's
+    launch then reads about 0 even where the GPU held the step up. Taken as
+    the host's part, such steps would lift the host level to the GPU's step
+    time, which every K then costs at least; the policy leaves their waits
+    alone. Here every other step is one, and every step is the GPU's."""
+    gpu_bound = {k: 2 * ms for k, ms in GEMMA_B64_GPU_MS.items()}  # 20-50 ms
+
+    def every_other(i: int) -> bool:
+        return i % 2 == 1
+
+    told = AdaptiveDraftLength(15)
+    two_part_steps(
+        told, lambda i: FAST_HOST_MS, gpu_bound, 300, blocked_earlier=every_other
+    )
+    host_ms, samples = told.snapshot()["step_host_ms"]["b64"]
+    assert host_ms == pytest.approx(FAST_HOST_MS) and samples == HOST_WINDOW
+    # Not told, the zero waits count as host parts: two of every three
+    # steps in the window read 20 ms or more.
+    untold = AdaptiveDraftLength(15)
+    two_part_steps(
+        untold,
+        lambda i: FAST_HOST_MS,
+        gpu_bound,
+        300,
+        blocked_earlier=every_other,
+        tell_policy=False,
+    )
+    assert untold.snapshot()["step_host_ms"]["b64"][0] >= min(gpu_bound.values())
 
 
 @pytest.mark.parametrize(

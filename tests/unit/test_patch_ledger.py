@@ -194,7 +194,8 @@ def test_only_the_v2_runner_of_0_26_waits_for_the_gpu_once_a_step() -> None:
     step's accepted counts, which the DFlash branch of
     ``propose_draft_token_ids`` copies before launching the drafter."""
     v2_path, out_path = "v1/worker/gpu/model_runner.py", "v1/worker/gpu/async_utils.py"
-    root = vllm_sources(FIXED, [v2_path, out_path, RUNNER])
+    core_path, drafts_path = "v1/engine/core.py", "v1/worker/gpu/spec_decode/utils.py"
+    root = vllm_sources(FIXED, [v2_path, out_path, RUNNER, core_path, drafts_path])
     v2 = Path(root, "vllm", v2_path).read_text()
     for name in ("execute_model", "sample_tokens"):
         body = _method(v2, "GPUModelRunner", name)
@@ -203,6 +204,22 @@ def test_only_the_v2_runner_of_0_26_waits_for_the_gpu_once_a_step() -> None:
         Path(root, "vllm", out_path).read_text(), "AsyncOutput", "get_output"
     )
     assert "self.copy_event.synchronize()" in get_output
+    # Except where a step has structured-output requests: the engine core
+    # then samples it only after the previous step's output, and first
+    # fetches that step's drafts, waiting for them (the policy's
+    # ``blocked_earlier``, from ``pending_structured_output_tokens``).
+    step = _method(
+        Path(root, "vllm", core_path).read_text(), "EngineCore", "step_with_batch_queue"
+    )
+    deferred = step[step.index("if deferred_scheduler_output:") :]
+    assert "pending_structured_output_tokens" in step
+    assert deferred.index("take_draft_token_ids()") < deferred.index("sample_tokens(")
+    fetch = _method(
+        Path(root, "vllm", drafts_path).read_text(),
+        "DraftTokensHandler",
+        "get_draft_tokens",
+    )
+    assert "self.copy_event.synchronize()" in fetch
 
     v1 = Path(root, "vllm", RUNNER).read_text()
     execute = _method(v1, "GPUModelRunner", "execute_model")
