@@ -37,10 +37,10 @@ def main() -> None:
         decisions.append(k)
         return k
 
-    def recorded(self: adaptive.AdaptiveDraftLength, *args: Any) -> None:
+    def recorded(self: adaptive.AdaptiveDraftLength, *args: Any, **kwargs: Any) -> None:
         scheduled, drafts, next_k, _ = args
         seen = dict(self.cost.seen)
-        observe(self, *args)
+        observe(self, *args, **kwargs)
         timed = [key for key, n in self.cost.seen.items() if n > seen.get(key, 0)]
         outputs.append(
             {
@@ -51,6 +51,8 @@ def main() -> None:
                 # unless it was its key's first (``StepCost.observe``).
                 "timed": bool(timed),
                 "sampled": any(self.cost.seen[key] > 1 for key in timed),
+                # No structured outputs here: no step waited before drafting.
+                "blocked_earlier": kwargs.get("blocked_earlier"),
             }
         )
 

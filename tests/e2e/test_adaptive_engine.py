@@ -71,3 +71,6 @@ def test_a_three_step_switch_gives_two_samples(
     assert [o["next_k"] for o in k7] == [7, 7, 3]
     assert [o["timed"] for o in k7] == [True, True, False]
     assert [o["sampled"] for o in k7] == [False, True, False]
+    # The scheduler patch tells the policy, every step, whether the engine
+    # deferred its sampling (structured outputs; none here).
+    assert {o["blocked_earlier"] for o in outputs} == {False}
