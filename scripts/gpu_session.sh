@@ -12,6 +12,14 @@
 #       run at once; the training's bench waits for the others to finish
 #   bash scripts/gpu_session.sh bench NAME [vllm-dflash bench options]
 #       (BENCH_TIMEOUT=seconds; GPU_LOG=1 logs nvidia-smi beside it)
+#   bash scripts/gpu_session.sh save-cache    # last: vLLM's compile cache to $OUT
+#       (cache.*, <= 15 MiB each). Copy them here into .device/compile-cache/
+#       and carry that folder in a later session's install call (a call
+#       carries 64 MiB in all: the tree is about 7, a vLLM part 47-50, so
+#       beside part 3 only a cache under about 10 MiB fits): install
+#       restores it, and each engine loads its compiled graphs and kernels
+#       instead of compiling them (64.7 s of a 99.2 s Gemma engine start on
+#       a fresh H200, fourteenth session). Untried on the H200 so far.
 #   bash scripts/gpu_session.sh retire-vllm   # before moving another vLLM over
 #   bash scripts/gpu_session.sh swap-vllm     # back to the retired one (and forth)
 set -uo pipefail
@@ -24,6 +32,7 @@ mkdir -p "$OUT" "$WORK"
 case "$1" in
   install)
     python3 -m pip install --no-deps --no-build-isolation -q -e . > "$OUT/pip.log" 2>&1
+    bash scripts/gpu_session.sh restore-cache
     python3 -c 'import vllm, torch, vllm_dflash; print("vllm", vllm.__version__, "torch", torch.__version__, "plugin", vllm_dflash.__version__)'
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
     ;;
@@ -76,6 +85,26 @@ case "$1" in
     cp "$WORK/$name/bench.json" "$WORK/$name/bench.png" "$OUT/$name/" 2>/dev/null
     for log in "$WORK/$name"/*.log; do tail -c 12000 "$log" > "$OUT/$name/$(basename "$log")"; done
     tail -n 70 "$OUT/$name/bench.log"  # the tables: rows, summary, steps
+    ;;
+  save-cache)
+    # vLLM keeps its compiled graphs and their Inductor and Triton kernels
+    # under VLLM_CACHE_ROOT (~/.cache/vllm); files come back from $OUT at
+    # 16 MiB each, at most 8 in all.
+    root=${VLLM_CACHE_ROOT:-$HOME/.cache/vllm}
+    [ -d "$root" ] || { echo "save-cache: no $root"; exit 0; }
+    rm -f "$WORK"/cache.*
+    tar -C "$(dirname "$root")" -cf - "$(basename "$root")" | xz -T0 -6 | split -b 15M -d - "$WORK/cache."
+    parts=$(ls "$WORK"/cache.* | wc -l)
+    echo "save-cache: $(du -sh "$root" | cut -f1) in $parts part(s) of <= 15 MiB"
+    if [ "$parts" -le 6 ]; then cp "$WORK"/cache.* "$OUT/"; else echo "save-cache: too many parts to come back; none copied"; fi
+    ;;
+  restore-cache)
+    root=${VLLM_CACHE_ROOT:-$HOME/.cache/vllm}
+    if ls .device/compile-cache/cache.* > /dev/null 2>&1; then
+      mkdir -p "$(dirname "$root")"
+      cat .device/compile-cache/cache.* | xz -d | tar -C "$(dirname "$root")" -xf - \
+        && echo "restore-cache: $(du -sh "$root" | cut -f1) in $root"
+    fi
     ;;
   retire-vllm)
     # Keep the installed vLLM aside and clear the stash for the next one.
