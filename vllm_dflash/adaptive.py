@@ -216,10 +216,19 @@ class StepClock:
         default_factory=lambda: deque(maxlen=STALL_WINDOW), repr=False
     )
 
-    def tick(self, now: float, batch: int, k: int) -> float | None:
+    def tick(
+        self, now: float, batch: int, k: int, *, blocked_earlier: bool = False
+    ) -> float | None:
         """An output at ``now`` of a step over ``batch`` requests, the
         largest with ``k`` drafts (batch 0: an output with nothing
-        scheduled, which only moves the clock); its interval or None."""
+        scheduled, which only moves the clock); its interval or None.
+
+        ``blocked_earlier``: the host also waited on the GPU before it
+        launched the step's drafting, so the wait after the launch is not
+        the GPU's share, and the step has none (None). vLLM samples a step
+        with structured-output requests only once the output before it and
+        that step's drafts are on the host
+        (``pending_structured_output_tokens``)."""
         last, self._last_s = self._last_s, now
         self.wait_s_last = None
         if last is None or batch == 0:
@@ -228,7 +237,8 @@ class StepClock:
         if not 0 < seconds < MAX_STEP_GAP_S:
             return None
         self.steps += 1
-        wait = self.wait_s_last = self.wait_s(now, last)
+        wait = None if blocked_earlier else self.wait_s(now, last)
+        self.wait_s_last = wait
         self.busy_s += seconds
         recent = sorted(self._intervals)
         stall = (
@@ -1077,14 +1087,16 @@ class AdaptiveDraftLength:
         next K is 0), so it stands for neither. Nor is a step taken soon
         after half its batch or more prefilled (``YOUNG_STEPS``). A sample
         whose host wait the clock timed also gives the host level and, by
-        its wait, the K's GPU time or a bound on it (``seconds``), unless
-        ``blocked_earlier``: the host also waited on the GPU before it
-        launched the step's drafting, so the wait misses part of the GPU's
-        share (vLLM samples a step with structured-output requests only
-        after the output before it and that step's drafts are on the host).
+        its wait, the K's GPU time or a bound on it (``seconds``);
+        ``blocked_earlier`` as in ``StepClock.tick``.
         """
         ks = {len(scheduled_drafts.get(r, ())) for r in num_scheduled_tokens}
-        seconds = self.clock.tick(now, len(num_scheduled_tokens), max(ks, default=0))
+        seconds = self.clock.tick(
+            now,
+            len(num_scheduled_tokens),
+            max(ks, default=0),
+            blocked_earlier=blocked_earlier,
+        )
         # Requests that did not run 1 + their drafts: a prefill, or a request
         # clipped at max_model_len.
         irregular = sum(
@@ -1102,8 +1114,8 @@ class AdaptiveDraftLength:
             return
         batch = len(num_scheduled_tokens)
         self.cost.observe(batch, k, seconds, self.steps)
-        wait = self.clock.wait_s_last
-        if wait is not None and self.overlapped and not blocked_earlier:
+        wait = self.clock.wait_s_last if self.overlapped else None
+        if wait is not None:
             bucket = batch_bucket(batch)
             self._waited.add((bucket, k))
             host = self.host.setdefault(bucket, deque(maxlen=HOST_WINDOW))

@@ -557,22 +557,25 @@ def patch_scheduler_adaptive(module: ModuleType) -> None:
         )
         scheduled = scheduler_output.num_scheduled_tokens
         drafts = scheduler_output.scheduled_spec_decode_tokens
+        # The engine core sampled this step only after the previous output
+        # and its drafts reached the host (vLLM 0.26's
+        # ``EngineCore.step_with_batch_queue``; host_waits_once).
+        blocked = bool(
+            getattr(scheduler_output, "pending_structured_output_tokens", False)
+        )
         if policy is not None:
             policy.observe_step_output(
                 scheduled,
                 drafts,
                 getattr(scheduler_output, "num_spec_tokens_to_schedule", None),
                 time.perf_counter(),
-                # The engine core sampled this step only after the previous
-                # output and its drafts reached the host (vLLM 0.26's
-                # ``EngineCore.step_with_batch_queue``; host_waits_once).
-                blocked_earlier=bool(
-                    getattr(scheduler_output, "pending_structured_output_tokens", False)
-                ),
+                blocked_earlier=blocked,
             )
         elif clock is not None:
             largest = max(map(len, drafts.values()), default=0)
-            clock.tick(time.perf_counter(), len(scheduled), largest)
+            clock.tick(
+                time.perf_counter(), len(scheduled), largest, blocked_earlier=blocked
+            )
         outputs = update(self, scheduler_output, *args, **kwargs)
         if clock is not None and not self.has_unfinished_requests():
             clock.idle()

@@ -838,9 +838,15 @@ def test_the_clock_times_the_host_wait_from_the_last_drafting() -> None:
     clock.drafted_s = 1.0399  # host-bound: the output was already there
     clock.tick(1.040, 64, 7)
     clock.tick(1.060, 64, 7)  # no drafting since the last output
+    # The host waited on the GPU before it launched the drafting (a step
+    # with structured-output requests): the wait after it is no GPU share.
+    clock.drafted_s = 1.0795
+    clock.tick(1.080, 64, 7, blocked_earlier=True)
+    assert clock.wait_s_last is None
     assert [e[3:5] for e in clock.snapshot()["log"]] == [
         [20.0, 4.5],
         [20.0, 0.1],
+        [20.0, None],
         [20.0, None],
     ]
 
