@@ -43,11 +43,12 @@ maximise expected output tokens per second:
   (attention reads every request's context; the drafter's context grows
   with the batch), and on the H200 one 256-token bin shared by batch 32 K 7
   and batch 64 K 3 read 9.4 ms in one run and 14.6 ms in another.
-- Under async scheduling, where the drafter runs in the scheduler's process,
-  the step clock also times how long the host waited for the GPU before each
-  output, and a step splits into a host part (interval less wait) and, where
-  the GPU held it up, a GPU part: ``T(b, K)`` is then max(host level now,
-  GPU time of K) (``AdaptiveDraftLength.seconds``). A host that slows or
+- Under async scheduling on the V2 runner, where the drafter runs in the
+  scheduler's process, the step clock also times how long the host waited
+  for the GPU before each output, and a step splits into a host part
+  (interval less wait) and, where the GPU held it up, a GPU part: ``T(b, K)``
+  is then max(host level now, GPU time of K) (``AdaptiveDraftLength.seconds``;
+  ``patching.host_waits_once`` says why not on the V1 runner). A host that slows or
   speeds up moves the cheap, host-bound K and leaves the dear, GPU-bound one
   alone, as the H200 showed at Gemma 4 batch 64.
 
@@ -1048,7 +1049,9 @@ class AdaptiveDraftLength:
         GPU-bound: there the split says nothing (a CPU engine runs its model
         in the host's own time, so every step reads host-bound) and every K
         would cost the one host level. So does an engine without async
-        scheduling, where a step is the sum of the two parts."""
+        scheduling, where a step is the sum of the two parts, and one on the
+        V1 runner, whose host also waits on the GPU before the drafter's
+        launch (``overlapped`` False for both)."""
         interval = self.cost.estimate(batch, k)
         bucket = batch_bucket(batch)
         level = self._host_level.get(bucket)

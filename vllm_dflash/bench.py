@@ -1300,8 +1300,8 @@ def step_split(rows: list[BenchRow]) -> list[dict[str, Any]]:
     steps the GPU held up (a wait over GPU_BOUND_WAIT of the interval, the
     adaptive policy's test); ``cpu_ms``: the engine process's CPU time per
     step. Under async scheduling on the V2 runner a step takes the longer of
-    its host and GPU parts: a step that waited about 0 ms was the host's. Logs of
-    older runs (``[step, batch, K, ms]``) give intervals only."""
+    its host and GPU parts: a step that waited about 0 ms was the host's.
+    Logs of older runs (``[step, batch, K, ms]``) give intervals only."""
     out = []
     for row in _sorted(rows):
         by_k: dict[int, list[list[Any]]] = {}
