@@ -116,6 +116,17 @@ GEMMA4_H200_B64_SLOW_FLOOR_MS = 23.4
 # 10-12.5 ms, so their host part is below that: put at 85-88% of the step
 # (not measured). The slow state's host is its floor.
 GEMMA4_H200_B64_HOST_MS = {0: 8.5, 1: 9.0, 3: 11.0, 7: 14.0, 15: 14.0}
+# The same step on the H200 on 2026-12-05 (gemma-b64-adaptive-k7: fixed K
+# 7's and adaptive's logged steps, interleaved engines): the GPU's part
+# (K 0 and K 1 from adaptive's few samples, K 7 the fixed engine's median
+# step, K 15 its GPU-bound steps'), the host's in the fast state (K 3 and
+# K 7 host-bound steps, K 15 its GPU-bound steps' interval less wait) and
+# in the slow one (host-bound steps of K 7, 18.5-21 ms, and of K 15, 22-29
+# ms; K 0-3 scaled from K 7 by 20/14, not measured). The host's part grows
+# with K in the slow state, so K 7 stays best in both.
+GEMMA4_H200_B64_DEC5_GPU_MS = {0: 8.0, 1: 8.5, 3: 12.3, 7: 15.1, 15: 24.9}
+GEMMA4_H200_B64_DEC5_HOST_MS = {0: 7.5, 1: 8.0, 3: 12.0, 7: 14.0, 15: 15.5}
+GEMMA4_H200_B64_DEC5_SLOW_HOST_MS = {0: 10.7, 1: 11.4, 3: 17.1, 7: 20.0, 15: 24.5}
 # The slow state's turns: a fast step turns slow with HOST_SLOW_ENTER, a slow
 # one fast with HOST_SLOW_LEAVE: a third of the steps fast, in stretches of 8
 # steps on average, the slow ones of 16 (K 7's steps there: 34% fast, fast
@@ -152,6 +163,9 @@ class Scenario:
     clock is told how long the host waited for the GPU, as the engine's
     drafter tells it (``StepClock.wait_s``). None: the clock is told
     nothing, unless ``--host-fraction`` sets it."""
+    slow_host_ms: Callable[[int, int], float] | None = None
+    """The host's part of a step in the slow state, where it grows with K
+    (the slow state then needs no ``slow_floor_ms``)."""
 
 
 def _linear(base_ms: float, per_token_ms: float) -> Callable[[int, int], float]:
@@ -200,6 +214,15 @@ SCENARIOS = {
         lambda b, k: GEMMA4_H200_B64_STEP_MS[k],
         slow_floor_ms=GEMMA4_H200_B64_SLOW_FLOOR_MS,
         host_ms=lambda b, k: GEMMA4_H200_B64_HOST_MS[k],
+    ),
+    # The same batch as measured on 2026-12-05: the host's part grows with
+    # K, in the slow state more than in the fast.
+    "h200-gemma-b64-dec5": Scenario(
+        ((64, 1200),),
+        DECAY,
+        lambda b, k: GEMMA4_H200_B64_DEC5_GPU_MS[k],
+        host_ms=lambda b, k: GEMMA4_H200_B64_DEC5_HOST_MS[k],
+        slow_host_ms=lambda b, k: GEMMA4_H200_B64_DEC5_SLOW_HOST_MS[k],
     ),
     # The benchmark's Gemma passes at batches 8 then 1 (256 tokens each):
     # the prefill, two slow first steps, and a tail whose batch-7 steps are
@@ -415,7 +438,10 @@ def run(
             jitter = 1.0 + noise_rng.uniform(-noise, noise)
             ms = scenario.verify_ms(batch, k) + (scenario.draft_ms if k_next else 0.0)
             host_ms = None if host is None else host(batch, k)
-            if scenario.slow_floor_ms and states.next():
+            if scenario.slow_host_ms is not None and host is not None:
+                if states.next():
+                    host_ms = scenario.slow_host_ms(batch, k)
+            elif scenario.slow_floor_ms and states.next():
                 if host_ms is None:
                     ms = max(ms, scenario.slow_floor_ms)
                 else:
