@@ -163,6 +163,13 @@ GPU_BOUND_WAIT = 0.05
 # with noise 0.3: 0.953, 0.947, 0.952, 0.955, 0.945). 3 is the shortest
 # that rejects a lone outlier (a stall; an output that reports late).
 HOST_WINDOW = 3
+# A K's host part is the bucket's host level times the K's ratio to it
+# (``host_level``), learned where the bucket's steps switch from one K to
+# another within HOST_PAIR_GAP steps: the new K's first host part over the
+# old K's last ones moves the two ratios' quotient HOST_RATIO_STEP of the way
+# to it (a few switches' worth, as the host's state may turn at one).
+HOST_PAIR_GAP = 3
+HOST_RATIO_STEP = 0.25
 # Steps kept by a clock asked to log them (``StepClock.keep_log``): a
 # benchmark reads the log after every pass, and its longest passes (batch 1,
 # a few thousand output tokens) take fewer steps than this.
@@ -767,8 +774,14 @@ class AdaptiveDraftLength:
         # (GPU_BOUND_WAIT); the keys whose steps reported a wait. The host
         # level (the median of ``host``) is kept per bucket, updated per step
         # rather than per candidate K asked about.
-        self.host: dict[int, deque[float]] = {}
+        self.host: dict[tuple[int, int], deque[float]] = {}
+        # Per bucket: the host's level (the median of its last HOST_WINDOW
+        # host parts, each over its K's ratio), the log of each K's ratio to
+        # it, and the K and step of its last host part (``host_level``).
+        self._host_recent: dict[int, deque[float]] = {}
         self._host_level: dict[int, float] = {}
+        self._host_log_ratio: dict[int, dict[int, float]] = {}
+        self._host_last: dict[int, tuple[int, int]] = {}
         self.gpu = StepCost(min_samples)
         self._waited: set[tuple[int, int]] = set()
         # The buckets with a K measured GPU-bound (``min_samples`` steps).
@@ -1054,7 +1067,7 @@ class AdaptiveDraftLength:
         launch (``overlapped`` False for both)."""
         interval = self.cost.estimate(batch, k)
         bucket = batch_bucket(batch)
-        level = self._host_level.get(bucket)
+        level = self.host_level(bucket, k)
         if (
             interval is None
             or level is None
@@ -1064,6 +1077,58 @@ class AdaptiveDraftLength:
             return interval
         gpu = self.gpu.estimate(batch, k)
         return level if gpu is None else max(level, gpu)
+
+    def host_level(self, bucket: int, k: int) -> float | None:
+        """The host's part of a ``bucket`` step at K = k now (seconds): the
+        bucket's host level times the K's ratio to it; None where no K-k
+        step of the bucket reported a wait.
+
+        The host's work grows with the tokens it schedules, verifies and
+        drafts, and so does its slowing. On the H200 (Gemma 4, batch 64,
+        2026-12-05) K 15's host part read about 1.2x K 7's in the host's
+        fast state (15.4 against 12.8 ms) and in its slow one (about 24
+        against 20). With one level for every K, K 15's slow 24 ms made K
+        7 look no cheaper than K 15, and the policy ran K 15 in stretches.
+        A level per K alone would keep each K in the state of its own last
+        steps, so a host that slowed during K 7's steps would leave K 3 and
+        K 15 priced in the fast state. So every K's host part feeds one
+        level, over the K's ratio, and the ratios come from the switches
+        (``_observe_host``)."""
+        log_ratio = self._host_log_ratio.get(bucket, {}).get(k)
+        if log_ratio is None:
+            return None
+        return self._host_level[bucket] * math.exp(log_ratio)
+
+    def _observe_host(self, bucket: int, k: int, host_s: float) -> None:
+        """A K-k step of ``bucket`` whose host part took ``host_s``.
+
+        Where the bucket's last host part came from another K (J) at most
+        HOST_PAIR_GAP steps before, the two are a pair in one host state:
+        host_s over J's recent host parts is a reading of K's ratio over
+        J's, and moves the two ratios' quotient HOST_RATIO_STEP of the way
+        to it, half on each. A K first seen starts at the mean of the
+        others' ratios (where none is known, every K takes the same host
+        part: one level, as before the ratios). Set from its first pair
+        instead, a ratio read as the host turned (K 7 at 2.7x K 0, in a
+        simulation of the H200's two states) kept that K out for hundreds
+        of steps. Within a run of one K the ratios stay and the level
+        follows the host."""
+        if host_s <= 0:
+            return
+        logs = self._host_log_ratio.setdefault(bucket, {})
+        other, other_step = self._host_last.get(bucket, (k, -HOST_PAIR_GAP - 1))
+        self._host_last[bucket] = (k, self.steps)
+        if k not in logs:
+            logs[k] = statistics.fmean(logs.values()) if logs else 0.0
+        if other != k and self.steps - other_step <= HOST_PAIR_GAP:
+            reading = math.log(host_s / statistics.median(self.host[bucket, other]))
+            error = reading - (logs[k] - logs[other])
+            logs[k] += HOST_RATIO_STEP * error / 2
+            logs[other] -= HOST_RATIO_STEP * error / 2
+        self.host.setdefault((bucket, k), deque(maxlen=HOST_WINDOW)).append(host_s)
+        recent = self._host_recent.setdefault(bucket, deque(maxlen=HOST_WINDOW))
+        recent.append(host_s / math.exp(logs[k]))
+        self._host_level[bucket] = statistics.median(recent)
 
     # -- what the scheduler reports --------------------------------------
     def observe_request(self, num_drafts: int, num_accepted: int) -> None:
@@ -1121,9 +1186,7 @@ class AdaptiveDraftLength:
         if wait is not None:
             bucket = batch_bucket(batch)
             self._waited.add((bucket, k))
-            host = self.host.setdefault(bucket, deque(maxlen=HOST_WINDOW))
-            host.append(seconds - wait)
-            self._host_level[bucket] = statistics.median(host)
+            self._observe_host(bucket, k, seconds - wait)
             if wait > GPU_BOUND_WAIT * seconds:
                 self.gpu.observe(batch, k, seconds, self.steps)
                 if self.gpu.count(batch, k) >= self.min_samples:
@@ -1166,8 +1229,12 @@ class AdaptiveDraftLength:
             # the GPU's of its K 7 step, where the clock times the host's
             # wait (``seconds``).
             "step_host_ms": {
-                f"b{bucket}": [round(1e3 * level, 3), len(self.host[bucket])]
-                for bucket, level in sorted(self._host_level.items())
+                f"b{bucket}/K{k}": [
+                    round(1e3 * level, 3),
+                    len(self.host[bucket, k]),
+                ]
+                for (bucket, k) in sorted(self.host)
+                if (level := self.host_level(bucket, k)) is not None
             },
             "step_gpu_ms": _ms_table(self.gpu),
             # "b8/K7": K 7's cost over batch bucket 8's level, as measured.
