@@ -768,12 +768,10 @@ class AdaptiveDraftLength:
         self.acceptance = acceptance or AcceptanceEstimate(k_max)
         self.cost = StepCost(min_samples)
         # Where the clock times the host's wait (the drafter runs in the
-        # scheduler's process), a step's two parts (``seconds``): per batch
-        # bucket, the host's part of its last HOST_WINDOW steps (interval
-        # less wait), and per key the GPU's, from the steps the GPU held up
-        # (GPU_BOUND_WAIT); the keys whose steps reported a wait. The host
-        # level (the median of ``host``) is kept per bucket, updated per step
-        # rather than per candidate K asked about.
+        # scheduler's process), a step's two parts (``seconds``): per key
+        # (batch bucket, K), the host's part of its last HOST_WINDOW steps
+        # (interval less wait) and the GPU's, from the steps the GPU held up
+        # (GPU_BOUND_WAIT); the keys whose steps reported a wait.
         self.host: dict[tuple[int, int], deque[float]] = {}
         # Per bucket: the host's level (the median of its last HOST_WINDOW
         # host parts, each over its K's ratio), the log of each K's ratio to
@@ -1225,9 +1223,9 @@ class AdaptiveDraftLength:
             # "b8/K7": ms of a batch bucket 8 step at K 7 now (before the
             # caps; StepCost.current) and its sample count.
             "step_ms": _ms_table(self.cost),
-            # "b8": the host's part of a batch bucket 8 step now, and "b8/K7"
-            # the GPU's of its K 7 step, where the clock times the host's
-            # wait (``seconds``).
+            # "b8/K7": the host's part of a batch bucket 8 step at K 7 now
+            # (``host_level``) and the GPU's, where the clock times the
+            # host's wait (``seconds``).
             "step_host_ms": {
                 f"b{bucket}/K{k}": [
                     round(1e3 * level, 3),
