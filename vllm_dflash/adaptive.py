@@ -1083,10 +1083,11 @@ class AdaptiveDraftLength:
 
         The host's work grows with the tokens it schedules, verifies and
         drafts, and so does its slowing. On the H200 (Gemma 4, batch 64,
-        2026-12-05) K 15's host part read about 1.2x K 7's in the host's
-        fast state (15.4 against 12.8 ms) and in its slow one (about 24
-        against 20). With one level for every K, K 15's slow 24 ms made K
-        7 look no cheaper than K 15, and the policy ran K 15 in stretches.
+        2026-12-05) K 15's host part read 1.23x K 7's in the host's fast
+        state (15.75 against 12.82 ms) and 1.14x in its slow one (24.09
+        against 21.2). With one level for every K, K 15's slow 22-27 ms made
+        K 7 look no cheaper than K 15, and the policy ran K 15 in stretches
+        that outlasted the slow state.
         A level per K alone would keep each K in the state of its own last
         steps, so a host that slowed during K 7's steps would leave K 3 and
         K 15 priced in the fast state. So every K's host part feeds one

@@ -1504,11 +1504,11 @@ def test_the_choice_follows_the_host_level_without_a_re_measurement() -> None:
 
 def test_each_k_pays_its_own_share_of_the_host() -> None:
     """On the H200 (Gemma 4, batch 64, 2026-12-05) K 15's host part read
-    about 1.2x K 7's in both of the host's states: about 15.4 against 12.8
-    ms in the fast one, 24 against 20 in the slow one, where K 7's step is
-    the host's and K 15's the GPU's 24.9 ms. K 7 is then the better K in
-    both states. One host level for every K read K 15's slow 24 ms as K
-    7's, so K 7 looked no cheaper than K 15 and the policy ran K 15 for
+    1.23x K 7's in the host's fast state and 1.14x in its slow one
+    (docs/adaptive.md, seventeenth session); here 1.2x of 12.8 or 20 ms,
+    with K 15's step the GPU's 24.9 ms, so K 7 is the better K in both
+    states. One host level for every K read K 15's slow 24 ms as K 7's,
+    so K 7 looked no cheaper than K 15 and the policy ran K 15 for
     stretches; each K's learned ratio to the level keeps K 7 in front."""
     survival = list(itertools.accumulate(DECAY_PROFILE, lambda a, b: a * b))
     rng = random.Random(0)

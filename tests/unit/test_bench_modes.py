@@ -1588,3 +1588,47 @@ def test_gemma_runs_of_the_current_policy_pool_as_documented() -> None:
     assert [round(geomean(paired[b]), 3) for b in (1, 8, 64)] == [0.985, 0.963, 0.898]
     alone = [r for (_, b), (_, r) in _adaptive_over_best_alone().items() if b == 64]
     assert geomean(paired[64] + alone) == pytest.approx(0.938, abs=5e-4)
+
+
+def _host_parts(row: dict[str, Any], k: int) -> tuple[list[float], list[float]]:
+    """A row's batch-64 K-k steps split at adaptive's GPU_BOUND_WAIT: the
+    host-bound ones' intervals and the GPU-bound ones' host parts (ms)."""
+    host_bound, gpu_bound = [], []
+    for clock in row["pass_clock"]:
+        for _, batch, step_k, ms, wait, _cpu in clock["log"]:
+            if batch != 64 or step_k != k:
+                continue
+            if wait > adaptive.GPU_BOUND_WAIT * ms:
+                gpu_bound.append(ms - wait)
+            else:
+                host_bound.append(ms)
+    return host_bound, gpu_bound
+
+
+def test_gemma_seventeenth_session_reads_as_documented() -> None:
+    """docs/adaptive.md, Measured, seventeenth session: with one host level
+    for every K, adaptive ran K 15 in 67 of its batch-64 steps; its K 7
+    steps took what fixed K 7's did; K 15's host part read 1.23x K 7's in
+    the fast state and 1.14x in the slow one."""
+    data, rows = _gemma_run("one-host-level-b64")
+    fixed, policy = rows["plugin-k7", 64], rows["adaptive", 64]
+    assert round(fixed["tok_per_s"], 1) == 11744.5
+    assert round(policy["tok_per_s"], 1) == 10993.5
+    assert policy["adaptive"]["overlapped"] is True
+    assert {
+        k: policy["adaptive"]["steps_per_batch_k"][f"b64/K{k}"] for k in (3, 7, 15)
+    } == {3: 5, 7: 398, 15: 67}
+    split = {(s["mode"], s["k"]): s for s in data["step_split"]}
+    for mode in ("plugin-k7", "adaptive"):
+        assert split[mode, 7]["ms"] == pytest.approx(15.30, abs=5e-3)
+    assert split["adaptive", 15]["host_ms"] == pytest.approx(21.52, abs=5e-3)
+    k7_host, k7_gpu = _host_parts(fixed, 7)
+    k15_host, k15_gpu = _host_parts(policy, 15)
+    assert statistics.median(k7_gpu) == pytest.approx(12.82, abs=5e-3)
+    assert statistics.median(k15_gpu) == pytest.approx(15.75, abs=5e-3)
+    # The slow state: K 7's host-bound steps over 18 ms, K 15's host-bound.
+    k7_slow = [ms for ms in k7_host if ms > 18]
+    assert statistics.median(k7_slow) == pytest.approx(21.2, abs=5e-3)
+    assert statistics.median(k15_host) == pytest.approx(24.09, abs=5e-3)
+    # 36 of adaptive's 63 K 15 steps were the GPU's: the host was fast.
+    assert (len(k15_gpu), len(k15_host)) == (36, 27)
