@@ -1632,3 +1632,36 @@ def test_gemma_seventeenth_session_reads_as_documented() -> None:
     assert statistics.median(k15_host) == pytest.approx(24.09, abs=5e-3)
     # 36 of adaptive's 63 K 15 steps were the GPU's: the host was fast.
     assert (len(k15_gpu), len(k15_host)) == (36, 27)
+
+
+def test_gemma_host_ratio_runs_read_as_documented() -> None:
+    """docs/adaptive.md, Measured, seventeenth session, item 5: with a host
+    ratio per K, both engine orders pooled at batch 64, and batches 8 and
+    1 beside fixed K 15."""
+    data, rows = _gemma_run("host-ratio-b64-both-orders")
+    (summary,) = data["summary"]
+    assert round(summary["adaptive_vs_best_fixed"], 2) == 1.01
+    assert round(summary["adaptive_vs_best_fixed_paired"], 2) == 0.99
+    assert [round(r, 2) for r in summary["adaptive_vs_best_fixed_paired_by_round"]] == [
+        0.91,
+        1.08,
+    ]
+    split = {(s["mode"], s["k"]): s for s in data["step_split"]}
+    assert {k: split["adaptive", k]["steps"] for k in (3, 7, 15)} == {
+        3: 16,
+        7: 799,
+        15: 29,
+    }
+    assert split["adaptive", 7]["ms"] == pytest.approx(22.64, abs=5e-3)
+    assert split["plugin-k7", 7]["ms"] == pytest.approx(22.40, abs=5e-3)
+    assert split["plugin-k7", 7]["gpu_bound"] == pytest.approx(0.08, abs=5e-3)
+    assert split["adaptive", 15]["ms"] == pytest.approx(24.58, abs=5e-3)
+
+    data, rows = _gemma_run("host-ratio-b8-b1")
+    ratios = {s["batch"]: s for s in data["summary"]}
+    assert round(ratios[8]["adaptive_vs_best_fixed"], 2) == 0.95
+    assert round(ratios[8]["adaptive_vs_best_fixed_paired"], 2) == 0.98
+    assert round(ratios[1]["adaptive_vs_best_fixed"], 2) == 1.00
+    assert round(ratios[1]["adaptive_vs_best_fixed_paired"], 2) == 0.97
+    steps = rows["adaptive", 8]["adaptive"]["steps_per_batch_k"]
+    assert (steps["b8/K15"], steps["b8/K3"], steps["b1/K15"]) == (204, 4, 15)
