@@ -1424,6 +1424,20 @@ def two_part_steps(
     return chosen
 
 
+def decay_acceptance(rng: random.Random) -> Callable[[int], int]:
+    """Drafts accepted of K per request, drawn from the benchmark's decay
+    profile (each request's first rejection falls where ``rng`` says)."""
+    survival = list(itertools.accumulate(DECAY_PROFILE, lambda a, b: a * b))
+
+    def accepted(k: int) -> int:
+        u, n = rng.random(), 0
+        while n < k and u < survival[n]:
+            n += 1
+        return n
+
+    return accepted
+
+
 # Gemma 4's batch-64 GPU time per step on the H200 (fast-state steps,
 # thirteenth session) and the two host levels there.
 GEMMA_B64_GPU_MS = {0: 10.0, 1: 10.5, 3: 12.5, 7: 15.1, 15: 25.1}
@@ -1459,17 +1473,9 @@ def test_the_choice_follows_the_host_level_without_a_re_measurement() -> None:
     host, where a cost scaled by one level from whichever K ran kept the
     state of its last re-measurement (docs/adaptive.md, fourteenth
     session)."""
-    survival = list(itertools.accumulate(DECAY_PROFILE, lambda a, b: a * b))
 
     def run(report_wait: bool) -> list[int]:
-        rng = random.Random(0)
-
-        def accepted(k: int) -> int:
-            u, n = rng.random(), 0
-            while n < k and u < survival[n]:
-                n += 1
-            return n
-
+        accepted = decay_acceptance(random.Random(0))
         return two_part_steps(
             AdaptiveDraftLength(15),
             # 150 steps slow, 150 fast, in turn, from a slow start.
@@ -1510,15 +1516,7 @@ def test_each_k_pays_its_own_share_of_the_host() -> None:
     states. One host level for every K read K 15's slow 24 ms as K 7's,
     so K 7 looked no cheaper than K 15 and the policy ran K 15 for
     stretches; each K's learned ratio to the level keeps K 7 in front."""
-    survival = list(itertools.accumulate(DECAY_PROFILE, lambda a, b: a * b))
-    rng = random.Random(0)
-
-    def accepted(k: int) -> int:
-        u, n = rng.random(), 0
-        while n < k and u < survival[n]:
-            n += 1
-        return n
-
+    accepted = decay_acceptance(random.Random(0))
     gpu = {0: 8.0, 1: 8.5, 3: 12.3, 7: 15.1, 15: 24.9}
     scale = {0: 0.6, 1: 0.65, 3: 0.9, 7: 1.0, 15: 1.2}
     policy = AdaptiveDraftLength(15)
