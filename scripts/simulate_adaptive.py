@@ -116,17 +116,22 @@ GEMMA4_H200_B64_SLOW_FLOOR_MS = 23.4
 # 10-12.5 ms, so their host part is below that: put at 85-88% of the step
 # (not measured). The slow state's host is its floor.
 GEMMA4_H200_B64_HOST_MS = {0: 8.5, 1: 9.0, 3: 11.0, 7: 14.0, 15: 14.0}
-# The same step on the H200 on 2026-12-05 (gemma-b64-adaptive-k7: fixed K
-# 7's and adaptive's logged steps, interleaved engines): the GPU's part
-# (K 0 and K 1 from adaptive's few samples, K 7 the fixed engine's median
-# step, K 15 its GPU-bound steps'), the host's in the fast state (K 3 and
-# K 7 host-bound steps, K 15 its GPU-bound steps' interval less wait) and
-# in the slow one (host-bound steps of K 7, 18.5-21 ms, and of K 15, 22-29
-# ms; K 0-3 scaled from K 7 by 20/14, not measured). The host's part grows
-# with K in the slow state, so K 7 stays best in both.
+# The same step on the H200 on 2026-12-05 (docs/benchmarks/
+# gemma4-26b-a4b-h200-one-host-level-b64.json): the GPU's part (K 0 and K 1
+# from adaptive's few samples, K 3 its host-bound steps, K 7 the fixed
+# engine's median step, K 15 adaptive's GPU-bound steps'); the host's part
+# in the fast state (medians of the GPU-bound steps' interval less wait: K
+# 7 12.82, K 15 15.75 ms; K 3 its host-bound steps; K 0 and K 1 below their
+# steps, not measured) and in the slow one (host-bound steps: K 7's over 18
+# ms 21.2, K 15's 24.09; K 0-3 scaled from the fast state by K 7's 21.2 /
+# 12.82, not measured).
 GEMMA4_H200_B64_DEC5_GPU_MS = {0: 8.0, 1: 8.5, 3: 12.3, 7: 15.1, 15: 24.9}
-GEMMA4_H200_B64_DEC5_HOST_MS = {0: 7.5, 1: 8.0, 3: 12.0, 7: 14.0, 15: 15.5}
-GEMMA4_H200_B64_DEC5_SLOW_HOST_MS = {0: 10.7, 1: 11.4, 3: 17.1, 7: 20.0, 15: 24.5}
+GEMMA4_H200_B64_DEC5_HOST_MS = {0: 7.5, 1: 8.0, 3: 12.06, 7: 12.82, 15: 15.75}
+GEMMA4_H200_B64_DEC5_SLOW_HOST_MS = {
+    **{k: ms * 21.2 / 12.82 for k, ms in GEMMA4_H200_B64_DEC5_HOST_MS.items()},
+    7: 21.2,
+    15: 24.09,
+}
 # The slow state's turns: a fast step turns slow with HOST_SLOW_ENTER, a slow
 # one fast with HOST_SLOW_LEAVE: a third of the steps fast, in stretches of 8
 # steps on average, the slow ones of 16 (K 7's steps there: 34% fast, fast
