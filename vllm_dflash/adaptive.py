@@ -47,10 +47,12 @@ maximise expected output tokens per second:
   scheduler's process, the step clock also times how long the host waited
   for the GPU before each output, and a step splits into a host part
   (interval less wait) and, where the GPU held it up, a GPU part: ``T(b, K)``
-  is then max(host level now, GPU time of K) (``AdaptiveDraftLength.seconds``;
-  ``patching.host_waits_once`` says why not on the V1 runner). A host that slows or
-  speeds up moves the cheap, host-bound K and leaves the dear, GPU-bound one
-  alone, as the H200 showed at Gemma 4 batch 64.
+  is then max(host part of K now, GPU time of K)
+  (``AdaptiveDraftLength.seconds``; ``patching.host_waits_once`` says why
+  not on the V1 runner). A host that slows or speeds up moves the cheap,
+  host-bound K and leaves the dear, GPU-bound one alone, as the H200 showed
+  at Gemma 4 batch 64; the host's part itself grows with K
+  (``AdaptiveDraftLength.host_level``).
 
 K = 0 (no drafting) is a candidate, so at a load where drafts cannot pay
 the policy stops verifying them (the engine's DFlash bookkeeping, hidden-state
@@ -771,7 +773,7 @@ class AdaptiveDraftLength:
         # scheduler's process), a step's two parts (``seconds``): per key
         # (batch bucket, K), the host's part of its last HOST_WINDOW steps
         # (interval less wait) and the GPU's, from the steps the GPU held up
-        # (GPU_BOUND_WAIT); the keys whose steps reported a wait.
+        # (GPU_BOUND_WAIT).
         self.host: dict[tuple[int, int], deque[float]] = {}
         # Per bucket: the host's level (the median of its last HOST_WINDOW
         # host parts, each over its K's ratio), the log of each K's ratio to
@@ -781,7 +783,6 @@ class AdaptiveDraftLength:
         self._host_log_ratio: dict[int, dict[int, float]] = {}
         self._host_last: dict[int, tuple[int, int]] = {}
         self.gpu = StepCost(min_samples)
-        self._waited: set[tuple[int, int]] = set()
         # The buckets with a K measured GPU-bound (``min_samples`` steps).
         self._gpu_bound: set[int] = set()
         self.decisions: Counter[tuple[int, int]] = Counter()
@@ -1066,12 +1067,7 @@ class AdaptiveDraftLength:
         interval = self.cost.estimate(batch, k)
         bucket = batch_bucket(batch)
         level = self.host_level(bucket, k)
-        if (
-            interval is None
-            or level is None
-            or bucket not in self._gpu_bound
-            or (bucket, k) not in self._waited
-        ):
+        if interval is None or level is None or bucket not in self._gpu_bound:
             return interval
         gpu = self.gpu.estimate(batch, k)
         return level if gpu is None else max(level, gpu)
@@ -1184,7 +1180,6 @@ class AdaptiveDraftLength:
         wait = self.clock.wait_s_last if self.overlapped else None
         if wait is not None:
             bucket = batch_bucket(batch)
-            self._waited.add((bucket, k))
             self._observe_host(bucket, k, seconds - wait)
             if wait > GPU_BOUND_WAIT * seconds:
                 self.gpu.observe(batch, k, seconds, self.steps)
