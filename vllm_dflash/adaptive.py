@@ -109,7 +109,7 @@ EXPLORE_HORIZON = 64
 # batch 8) the first two decode steps of each pass took 7.7-13.6 ms where
 # the pass's median was 7.2-9.1 ms, in fixed and adaptive engines alike,
 # and a K 15 re-measured on them read 1.24x of K 7 where it costs about
-# 1.08x (docs/adaptive.md, Measured, eleventh session). A request joining a
+# 1.08x (docs/adaptive-measurements.md, eleventh session). A request joining a
 # larger batch leaves its steps samples.
 YOUNG_STEPS = 2
 # A re-measured rival waits at most this many decisions for the steps of
@@ -132,7 +132,7 @@ MAX_STEP_GAP_S = 2.0
 # intervals is kept in ``StepClock.stalls`` (the last STALLS_KEPT): on the
 # H200 a Gemma 4 batch-64 K 0 step took 600 ms among 13 ms ones, and
 # adaptive's batch-64 passes there spread more than a fixed K's while
-# running its K (docs/adaptive.md, Measured, seventh session).
+# running its K (docs/adaptive-measurements.md, seventh session).
 STALL_FACTOR = 3.0
 STALL_WINDOW = 32
 STALLS_KEPT = 64
@@ -140,7 +140,7 @@ STALLS_KEPT = 64
 # ``snapshot()["measurements"]``: the samples behind a choice are gone once
 # the key is re-measured, and on the H200 (Qwen3-8B, batch 8) the first
 # comparison of K 7 and K 15 went to K 7 for a reason the snapshot no
-# longer showed (docs/adaptive.md, Measured, seventh session).
+# longer showed (docs/adaptive-measurements.md, seventh session).
 MEASUREMENTS_KEPT = 128
 # A step whose host waited for the GPU (``StepClock.wait_s``) more than this
 # fraction of its interval was held up by the GPU: its interval is the GPU's
@@ -205,8 +205,8 @@ class StepClock:
     0 ms; one the GPU holds up waits for the rest of its GPU time, so its
     interval minus its wait is the host's part. On the H200 a Gemma 4
     batch-64 step read like host work at K 7 and like GPU work at K 15
-    (docs/adaptive.md, fourteenth session); the wait tells them apart step
-    by step. None where no drafting was launched since the last output (a
+    (docs/adaptive-measurements.md, fourteenth session); the wait tells them
+    apart step by step. None where no drafting was launched since the last output (a
     worker in another process). A kept log adds the process's CPU time over
     the interval in ms (``time.process_time``: every thread of the engine)."""
 
@@ -368,7 +368,7 @@ class AcceptanceEstimate:
     and can hide every longer K: one of two suspects where, on the H200
     (Qwen3-8B, batch 1 after batches 64, 32 and 8 had run K 3 and K 7), the
     bucket ran K 7 in 198 of 325 steps with fixed K 15 10% faster (0.92x;
-    docs/adaptive.md, Measured). DFlash's conditional rates are about flat
+    docs/adaptive-measurements.md). DFlash's conditional rates are about flat
     past the first position, so a position with few tries now reads like
     the one before it. Where they do fall with the position, that prior is
     optimistic, and running the longer K corrects it; a pessimistic one was
@@ -457,7 +457,7 @@ class StepCost:
     not handled here: at Gemma 4 batch 64 K 7's steps move between two
     states (medians 15.1 and 23.4 ms, same clock, same text) while K 15's
     stay at 25.1, so the better of the two is the state's, and a
-    measurement holds the state it fell in (docs/adaptive.md, Measured,
+    measurement holds the state it fell in (docs/adaptive-measurements.md,
     thirteenth session). That drift is the host's, and under async
     scheduling the policy splits it off (``AdaptiveDraftLength.seconds``).
     Where the next ``min_samples`` level samples come from other keys (the
@@ -594,7 +594,7 @@ class StepCost:
         ms where batch 8 took 7.45 ms, steady over the up to 15 batch-7 steps
         of a pass's tail. A rival re-measured at the next pass's batch 8 against
         those steps read 0.64-0.75 of K 15, and batch 8 ran K 7 in 21-92% of
-        its steps, 0.95-0.99x of fixed K 15 (docs/adaptive.md, Measured,
+        its steps, 0.95-0.99x of fixed K 15 (docs/adaptive-measurements.md,
         tenth and eleventh sessions)."""
         n = self.min_samples
         if sum(b == batch for b, _ in after) < n and len(after) < WINDOW:
@@ -719,7 +719,7 @@ def _capped(medians: dict[Key, float]) -> dict[Key, float]:
     readings, taken in other phases (pass tails) and often from two samples:
     one batch-2 K 7 reading of 4.1 ms capped batch 1's K 7 (5.8 ms measured)
     below K 15, and the bucket ran K 7 in 387 of 399 steps, 0.87x of fixed
-    K 15 paired (docs/adaptive.md, Measured, eleventh session).
+    K 15 paired (docs/adaptive-measurements.md, eleventh session).
     """
     rows: dict[int, list[tuple[int, float]]] = {}  # bucket: (K, median), K up
     for (b, k), m in sorted(medians.items()):
@@ -897,7 +897,7 @@ class AdaptiveDraftLength:
         closest to the best in expected throughput first, each once, and a
         new round when the round is done or the best K changes. The closest
         rival is the one a cost sampled in a slow phase most likely hides
-        (docs/adaptive.md, Measured: Gemma 4 at batch 8). A neighbour never
+        (docs/adaptive-measurements.md: Gemma 4 at batch 8). A neighbour never
         measured (a floor ruled it out) has no expected throughput and goes
         last in its round."""
         bucket = batch_bucket(batch)
@@ -956,7 +956,7 @@ class AdaptiveDraftLength:
         (Gemma 4) steps of one K spread by about 10%: three samples of a
         re-measured K 7 read cheaper than K 15 by more than K 15's 16% more
         accepted tokens, and the bucket ran K 7 in a third of its steps where
-        fixed K 15 was faster (docs/adaptive.md, Measured). Confirming costs
+        fixed K 15 was faster (docs/adaptive-measurements.md). Confirming costs
         2 x (min_samples + 1) steps, and only where a re-measurement would
         change the choice."""
         bucket = batch_bucket(batch)
@@ -1049,9 +1049,9 @@ class AdaptiveDraftLength:
         ms with the host while K 15's stayed at 25 (GPU-bound), so one level
         scaled from whichever K ran mispriced the other: K 15 looked dear
         after a fast stretch of K 7 and K 7 cheap after a slow one, until a
-        re-measurement (docs/adaptive.md, fourteenth session). A K the GPU
-        never held up is estimated by the host level alone (its GPU time was
-        below its host's). The host level is taken as the same for every K:
+        re-measurement (docs/adaptive-measurements.md, fourteenth session). A
+        K the GPU never held up is estimated by the host level alone (its GPU
+        time was below its host's). The host level is taken as the same for every K:
         with async scheduling off, K 7 and K 15 there each took about 14 ms
         over their GPU-bound steps.
 

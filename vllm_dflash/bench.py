@@ -1597,8 +1597,8 @@ def _backends(args: argparse.Namespace) -> tuple[str | None, str | None]:
 # them at start. On the H200 two fixed K 15 engines read 2% apart at Gemma 4
 # batch 8 on the same step time, and 13% at batch 64 on the same outputs
 # (in two runs), and one Inductor kernel was tuned apart between an engine
-# that compiled and one that loaded the compile cache (docs/adaptive.md,
-# Measured). A run records those its engines inherited.
+# that compiled and one that loaded the compile cache
+# (docs/adaptive-measurements.md). A run records those its engines inherited.
 COMPILE_ENV_PREFIXES = ("TORCHINDUCTOR_",)
 COMPILE_ENV_NAMES = (
     "VLLM_DISABLE_COMPILE_CACHE",

@@ -1066,8 +1066,9 @@ def _simulation_script(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
 def test_the_simulation_script_runs_every_regime(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """``scripts/simulate_adaptive.py`` (the source of docs/adaptive.md's
-    simulated figures): one scenario, one seed, every regime."""
+    """``scripts/simulate_adaptive.py`` (the source of
+    docs/adaptive-measurements.md's simulated figures): one scenario, one
+    seed, every regime."""
     script = _simulation_script(monkeypatch)
     rows = script.simulate({"this": adaptive}, ["b1-high"], seeds=1)
     assert [(r["noise"], r["phase"]) for r in rows] == list(script.REGIMES)
@@ -1269,7 +1270,7 @@ REPLAYED_GEMMA_RUNS = (
 def test_the_policy_over_recorded_h200_passes_reads_as_documented(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """docs/adaptive.md, Measured, twelfth session: the policy run over the
+    """docs/adaptive-measurements.md, twelfth session: the policy run over the
     fixed K 15 engines' recorded Gemma passes of six H200 runs (batch 8
     and 1), 16 seeds. Only pass scenarios replay passes."""
     script = _simulation_script(monkeypatch)
@@ -1300,11 +1301,11 @@ def test_the_policy_over_recorded_h200_passes_reads_as_documented(
 def test_the_overhead_script_times_the_policy_against_the_bare_clock(
     tmp_path: Path,
 ) -> None:
-    """``scripts/policy_overhead.py`` (docs/adaptive.md, thirteenth session):
-    a steady decode under the bench's decay profile and a weight-read-bound
-    cost runs K 15 once measured, and the policy's calls cost more than the
-    clock a fixed-K scheduler ticks (the figures themselves are this
-    machine's, not asserted)."""
+    """``scripts/policy_overhead.py`` (docs/adaptive-measurements.md,
+    thirteenth session): a steady decode under the bench's decay profile and
+    a weight-read-bound cost runs K 15 once measured, and the policy's calls
+    cost more than the clock a fixed-K scheduler ticks (the figures
+    themselves are this machine's, not asserted)."""
     path = Path(__file__).parents[2] / "scripts/policy_overhead.py"
     spec = importlib.util.spec_from_file_location("policy_overhead", path)
     assert spec is not None and spec.loader is not None
@@ -1325,7 +1326,7 @@ def test_the_overhead_script_times_the_policy_against_the_bare_clock(
 def test_the_simulated_two_state_engine_favours_k7_on_average_and_k15_when_slow(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """``h200-gemma-b64-states`` (docs/adaptive.md, thirteenth session): a
+    """``h200-gemma-b64-states`` (docs/adaptive-measurements.md, thirteenth session): a
     slow state, two thirds of the steps, floors every step at K 7's slow
     step, the same states for every engine of a seed. Fixed K 7 beats K 15
     on average; K 15 beats K 7 in the slow state; the policy, following
@@ -1357,7 +1358,7 @@ def test_told_the_hosts_wait_the_policy_follows_the_two_states(
     each step's host part (the slow state's floor, else about 14 ms at K 7
     and K 15) apart from the GPU's, and runs K 15 in the slow state and K 7
     in the fast one a couple of steps after each turn. It reads at fixed
-    K 7's level where it read 0.96-0.98x of it without (docs/adaptive.md,
+    K 7's level where it read 0.96-0.98x of it without (docs/adaptive-measurements.md,
     fifteenth session); the fixed engines' steps are the same."""
     script = _simulation_script(monkeypatch)
     scenario = script.SCENARIOS["h200-gemma-b64-states"]
@@ -1471,7 +1472,7 @@ def test_the_choice_follows_the_host_level_without_a_re_measurement() -> None:
     acceptance K 15 is worth it in the slow state only. Measured once in
     each state, the policy switches within a few steps of each turn of the
     host, where a cost scaled by one level from whichever K ran kept the
-    state of its last re-measurement (docs/adaptive.md, fourteenth
+    state of its last re-measurement (docs/adaptive-measurements.md, fourteenth
     session)."""
 
     def run(report_wait: bool) -> list[int]:
@@ -1511,7 +1512,7 @@ def test_the_choice_follows_the_host_level_without_a_re_measurement() -> None:
 def test_each_k_pays_its_own_share_of_the_host() -> None:
     """On the H200 (Gemma 4, batch 64, 2026-12-05) K 15's host part read
     1.23x K 7's in the host's fast state and 1.14x in its slow one
-    (docs/adaptive.md, seventeenth session); here 1.2x of 12.8 or 20 ms,
+    (docs/adaptive-measurements.md, seventeenth session); here 1.2x of 12.8 or 20 ms,
     with K 15's step the GPU's 24.9 ms, so K 7 is the better K in both
     states. One host level for every K read K 15's slow 24 ms as K 7's,
     so K 7 looked no cheaper than K 15 and the policy ran K 15 for

@@ -439,7 +439,7 @@ def test_table_gives_the_paired_error_to_a_tenth_of_a_percent(
 
 
 def test_h200_session_figures_from_their_json() -> None:
-    """docs/adaptive.md's fifth- to seventh-session tables (paired ratio ±
+    """docs/adaptive-measurements.md's fifth- to seventh-session tables (paired ratio ±
     error), from the saved runs."""
     root = Path(__file__).parents[2] / "docs/benchmarks"
     expected = {
@@ -508,7 +508,7 @@ def test_h200_session_figures_from_their_json() -> None:
 
 
 def test_gemma_batch_64_at_one_k_from_its_json() -> None:
-    """docs/adaptive.md, seventh session: at Gemma batch 64, ``dynamic-k7``
+    """docs/adaptive-measurements.md, seventh session: at Gemma batch 64, ``dynamic-k7``
     ran 1.03x +-2.3% of fixed K 7 with the same tokens in all 16 passes,
     and adaptive 0.87x of it (one pass at 0.56x) in the 7 passes where it
     generated the fixed engine's exact tokens (so ran K 7 at every step)."""
@@ -545,7 +545,7 @@ def test_gemma_batch_64_at_one_k_from_its_json() -> None:
 
 
 def test_paired_ratio_of_the_h200_interleaved_run() -> None:
-    """The figure docs/adaptive.md gives for Qwen3-8B batch 8 after visits
+    """The figure docs/adaptive-measurements.md gives for Qwen3-8B batch 8 after visits
     forget (0.954x of fixed K 15), from the run's own JSON."""
     path = (
         Path(__file__).parents[2]
@@ -555,7 +555,7 @@ def test_paired_ratio_of_the_h200_interleaved_run() -> None:
     rows = {(r["mode"], r["batch"]): BenchRow(**r) for r in data["rows"]}
     ratio = bench.paired_ratio(rows[("adaptive", 8)], rows[("plugin", 8)])
     assert ratio == pytest.approx(0.954, abs=5e-4)
-    # Two standard errors under 1 (docs/adaptive.md: "2 sigma").
+    # Two standard errors under 1 (docs/adaptive-measurements.md: "2 sigma").
     error = bench.paired_error(rows[("adaptive", 8)], rows[("plugin", 8)])
     assert error is not None and 1.8 < -math.log(ratio) / error < 2.6
     # Its median passes say 0.96x: the two differ by what pairing removes.
@@ -889,7 +889,7 @@ def _batch_64(name: str) -> tuple[list[str], dict[str, BenchRow]]:
 
 
 def test_the_engine_started_second_ran_gemma_batch_64_faster() -> None:
-    """docs/adaptive.md, Measured, eighth session: in 9 of the 10
+    """docs/adaptive-measurements.md, eighth session: in 9 of the 10
     interleaved two-engine runs at Gemma batch 64 the engine started second
     read faster than the first (paired), 1.08x on average, two of them with
     identical work (dynamic-k7 against fixed K 7); the same commit's two
@@ -977,7 +977,7 @@ def test_the_engine_started_second_ran_gemma_batch_64_faster() -> None:
 def test_balanced_h200_runs_read_as_documented(
     name: str, documented: dict[int, float]
 ) -> None:
-    """docs/adaptive.md, Measured, ninth and tenth sessions: each pooled file
+    """docs/adaptive-measurements.md, ninth and tenth sessions: each pooled file
     holds two runs stored beside it (every round of them), adaptive's engine
     started first in one and later in the other, and its paired ratios to
     the best fixed K are the documented ones (to the two decimals quoted)."""
@@ -1017,7 +1017,7 @@ def _self_cuda_ms(table: str) -> dict[str, float]:
 
 
 def test_gemma_profile_of_the_dynamic_k_path_differs_in_one_norm_kernel() -> None:
-    """docs/adaptive.md, Measured, tenth session: on Gemma 4 at batch 1, the
+    """docs/adaptive-measurements.md, tenth session: on Gemma 4 at batch 1, the
     engine on the dynamic-K path (held at K 15) and fixed K 15 run the same
     kernels as often; all but a few percent of the CUDA time between them is
     one Inductor norm kernel, which Inductor tuned differently in the two
@@ -1044,7 +1044,7 @@ def test_gemma_profile_of_the_dynamic_k_path_differs_in_one_norm_kernel() -> Non
 
 
 def test_engines_that_loaded_the_compile_cache_tuned_the_norm_kernel_alike() -> None:
-    """docs/adaptive.md, Measured, tenth session: in each run the first
+    """docs/adaptive-measurements.md, tenth session: in each run the first
     engine compiled the graphs and Inductor tuned the norm kernel to
     R0_BLOCK 1024 (all or 3 of its 4 tunings); every engine that loaded
     vLLM's compile cache after it, either mode, tuned it to 512 first."""
@@ -1089,7 +1089,7 @@ def test_profile_writes_the_kernel_table_and_the_timeline(tmp_path: Path) -> Non
 
 
 def test_gemma_rounds_read_as_documented_round_by_round() -> None:
-    """docs/adaptive.md, Measured, tenth session, the table of item 3:
+    """docs/adaptive-measurements.md, tenth session, the table of item 3:
     adaptive over fixed K 15, paired, in each of the four rounds (two runs of
     ``--rounds 2``, merged), and adaptive started first in rounds 1 and 4."""
     folder = Path(__file__).parents[2] / "docs/benchmarks"
@@ -1124,7 +1124,7 @@ def _steps_by_batch(row: dict[str, Any]) -> dict[tuple[int, int], list[float]]:
 
 
 def test_gemma_step_log_reads_as_documented() -> None:
-    """docs/adaptive.md, Measured, eleventh session, item 1: fixed K 15's
+    """docs/adaptive-measurements.md, eleventh session, item 1: fixed K 15's
     steps by batch (batch 7 dearer than 8, 63 than 64), and batch 1's table,
     where bucket 2's two-sample K 7 capped batch 1's K 7 under K 15 until
     only a key's own bucket capped it."""
@@ -1166,7 +1166,7 @@ def _steps_at(row: dict[str, Any], k: int) -> list[int]:
 
 
 def test_gemma_rounds_after_the_fixes_read_as_documented() -> None:
-    """docs/adaptive.md, Measured, eleventh session, item 2: adaptive over
+    """docs/adaptive-measurements.md, eleventh session, item 2: adaptive over
     fixed K 15, paired, in each round, and batch 8's K 7 steps per pass."""
     folder = Path(__file__).parents[2] / "docs/benchmarks"
     name = "gemma4-26b-a4b-h200-rounds-same-batch-k15-b64-b8-b1.json"
@@ -1180,7 +1180,7 @@ def test_gemma_rounds_after_the_fixes_read_as_documented() -> None:
 
 
 def test_gemma_rounds_after_the_young_step_rule_read_as_documented() -> None:
-    """docs/adaptive.md, Measured, eleventh session, item 3: per-round
+    """docs/adaptive-measurements.md, eleventh session, item 3: per-round
     ratios, batch 8 at K 15 in all but the re-measurements' steps with the
     fixed engine's step counts, and batch 1's K 7 steps per pass."""
     folder = Path(__file__).parents[2] / "docs/benchmarks"
@@ -1231,7 +1231,7 @@ def _gemma_run(name: str) -> tuple[dict[str, Any], dict[tuple[str, int], Any]]:
 
 
 def test_gemma_controls_and_recheck_read_as_documented() -> None:
-    """docs/adaptive.md, Measured, twelfth session: two fixed K 15 engines,
+    """docs/adaptive-measurements.md, twelfth session: two fixed K 15 engines,
     the dynamic-K path held at K 15 against fixed K 15 (same step, 6% apart
     in tok/s), adaptive against fixed K 15 at batches 64, 8 and 1, and
     fixed K 7 against K 15 at batches 64 and 32 (fixed K 15 at batch 64
@@ -1392,7 +1392,7 @@ def _steady_k15_ratios(
 
 
 def test_gemma_thirteenth_session_reads_as_documented() -> None:
-    """docs/adaptive.md, Measured, thirteenth session: adaptive against fixed
+    """docs/adaptive-measurements.md, thirteenth session: adaptive against fixed
     K 15 at batches 1 and 8 (K 15 nearly always, its step dearer), against
     fixed K 7 at batch 64, the same outputs of fixed K 7 up to 1.43x apart,
     and K 7's two step states beside the GPU's clock, power and
@@ -1510,7 +1510,7 @@ def _adaptive_over_best_alone() -> dict[tuple[str, int], tuple[str, float]]:
 
 
 def test_gemma_fourteenth_session_reads_as_documented() -> None:
-    """docs/adaptive.md, Measured, fourteenth session: one engine at a time
+    """docs/adaptive-measurements.md, fourteenth session: one engine at a time
     at batch 64, K 7's steps bound by the host (a busy engine core, a GPU
     two-thirds busy) at a level that moves from engine to engine, K 15's by
     the GPU; the host's serial share with async scheduling off; adaptive
@@ -1564,7 +1564,7 @@ def test_gemma_fourteenth_session_reads_as_documented() -> None:
 
 
 def test_gemma_runs_of_the_current_policy_pool_as_documented() -> None:
-    """docs/adaptive.md, Measured, fourteenth session, item 6: every paired
+    """docs/adaptive-measurements.md, fourteenth session, item 6: every paired
     Gemma run of the policy since c01b7c3, adaptive over the run's best
     fixed K per batch, and their geometric means."""
     paired: dict[int, list[float]] = {}
@@ -1606,7 +1606,7 @@ def _host_parts(row: dict[str, Any], k: int) -> tuple[list[float], list[float]]:
 
 
 def test_gemma_seventeenth_session_reads_as_documented() -> None:
-    """docs/adaptive.md, Measured, seventeenth session: with one host level
+    """docs/adaptive-measurements.md, seventeenth session: with one host level
     for every K, adaptive ran K 15 in 67 of its batch-64 steps; its K 7
     steps took what fixed K 7's did; K 15's host part read 1.23x K 7's in
     the fast state and 1.14x in the slow one."""
@@ -1635,7 +1635,7 @@ def test_gemma_seventeenth_session_reads_as_documented() -> None:
 
 
 def test_gemma_host_ratio_runs_read_as_documented() -> None:
-    """docs/adaptive.md, Measured, seventeenth session, item 5: with a host
+    """docs/adaptive-measurements.md, seventeenth session, item 5: with a host
     ratio per K, both engine orders pooled at batch 64, and batches 8 and
     1 beside fixed K 15."""
     data, rows = _gemma_run("host-ratio-b64-both-orders")
