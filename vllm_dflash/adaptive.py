@@ -154,16 +154,17 @@ MEASUREMENTS_KEPT = 128
 # the split), and a GPU-bound one read as host-bound took about its host's
 # time.
 GPU_BOUND_WAIT = 0.05
-# The host level (``AdaptiveDraftLength.seconds``) is the median of a
-# bucket's last HOST_WINDOW steps' host parts: on the H200 (Gemma 4, batch
-# 64) the host's slow and fast stretches lasted 1-54 steps, a third of them
-# fast, and a level that lags them runs the wrong K for the lag at every
-# turn (K 15 through a fast stretch is 0.70x of K 7). Simulated with those
-# stretches (scripts/simulate_adaptive.py, h200-gemma-b64-states, no noise),
-# the median of the last 8 made 0.986x of fixed K 7, of 5 0.990x, of 3
-# 0.996x, of 2 1.003x and the last step alone 1.005x (under a GPU drift
-# with noise 0.3: 0.953, 0.947, 0.952, 0.955, 0.945). 3 is the shortest
-# that rejects a lone outlier (a stall; an output that reports late).
+# The host level (``AdaptiveDraftLength.host_level``) is the median of a
+# bucket's last HOST_WINDOW steps' host parts, each over its K's ratio
+# (below): on the H200 (Gemma 4, batch 64) the host's slow and fast
+# stretches lasted 1-54 steps, a third of them fast, and a level that lags
+# them runs the wrong K for the lag at every turn (K 15 through a fast
+# stretch is 0.70x of K 7). Simulated with those stretches
+# (scripts/simulate_adaptive.py, h200-gemma-b64-states, no noise), the
+# median of the last 8 made 0.986x of fixed K 7, of 5 0.990x, of 3 0.996x,
+# of 2 1.003x and the last step alone 1.005x (under a GPU drift with noise
+# 0.3: 0.953, 0.947, 0.952, 0.955, 0.945). 3 is the shortest that rejects a
+# lone outlier (a stall; an output that reports late).
 HOST_WINDOW = 3
 # A K's host part is the bucket's host level times the K's ratio to it
 # (``host_level``), learned where the bucket's steps switch from one K to
@@ -1041,26 +1042,25 @@ class AdaptiveDraftLength:
         Under async scheduling the host prepares the next step while the GPU
         runs this one, so a step takes the longer of the two: max(host, GPU).
         Where the clock times the host's wait, the estimate is that max of
-        the bucket's host level now (the median of its last HOST_WINDOW
-        steps' host part, whatever K they ran) and the K's GPU time (``gpu``:
-        a ``StepCost`` of the steps the GPU held up, so its level follows the
-        GPU alone; the host-bound steps only bound it, ``StepCost.bound``).
-        On the H200 (Gemma 4, batch 64) K 7's steps moved between 15 and 23
-        ms with the host while K 15's stayed at 25 (GPU-bound), so one level
-        scaled from whichever K ran mispriced the other: K 15 looked dear
-        after a fast stretch of K 7 and K 7 cheap after a slow one, until a
-        re-measurement (docs/adaptive-measurements.md, fourteenth session). A
-        K the GPU never held up is estimated by the host level alone (its GPU
-        time was below its host's). The host level is taken as the same for every K:
-        with async scheduling off, K 7 and K 15 there each took about 14 ms
-        over their GPU-bound steps.
+        the K's host part now (``host_level``: the bucket's host level, which
+        follows the host whatever K runs, times the K's ratio to it) and the
+        K's GPU time (``gpu``: a ``StepCost`` of the steps the GPU held up,
+        so its level follows the GPU alone; the host-bound steps only bound
+        it, ``StepCost.bound``). On the H200 (Gemma 4, batch 64) K 7's steps
+        moved between 15 and 23 ms with the host while K 15's stayed at 25
+        (GPU-bound), so one level scaled from whichever K ran mispriced the
+        other: K 15 looked dear after a fast stretch of K 7 and K 7 cheap
+        after a slow one, until a re-measurement
+        (docs/adaptive-measurements.md, fourteenth session). A K the GPU
+        never held up is estimated by its host part alone (its GPU time was
+        below its host's).
 
         The intervals (``cost``) estimate a K whose steps reported no wait
         (the drafter in another process, a K 0 step on the V1 runner, which
         launches no drafting) and every K of a bucket that has no K measured
         GPU-bound: there the split says nothing (a CPU engine runs its model
-        in the host's own time, so every step reads host-bound) and every K
-        would cost the one host level. So does an engine without async
+        in the host's own time, so every step reads host-bound) and the
+        estimate would be the host parts alone. So does an engine without async
         scheduling, where a step is the sum of the two parts, and one on the
         V1 runner, whose host also waits on the GPU before the drafter's
         launch (``overlapped`` False for both)."""
