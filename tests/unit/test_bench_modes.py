@@ -418,6 +418,10 @@ def test_paired_ratio_needs_interleaved_passes() -> None:
         ]
     )
     assert summary[0]["adaptive_vs_best_fixed"] == pytest.approx(725 / 750)
+    # Over all passes: 2 passes' tokens over their seconds, slow pass included.
+    over_all = (1 / 1000 + 1 / 500) / (1 / 900 + 1 / 550)
+    assert summary[0]["adaptive_vs_best_fixed_all_passes"] == pytest.approx(over_all)
+    assert bench.all_passes_ratio(row([], []), fixed) is None
     assert summary[0]["adaptive_vs_best_fixed_paired"] == pytest.approx(0.995, abs=1e-3)
     assert summary[0]["adaptive_vs_best_fixed_paired_error"] == pytest.approx(
         0.1003, abs=1e-4
@@ -1646,6 +1650,12 @@ def test_gemma_host_ratio_runs_read_as_documented() -> None:
         0.91,
         1.08,
     ]
+    # Over all passes' seconds (the JSON predates the field): the slow
+    # passes the medians leave out bring it under 1.
+    over_all = bench.all_passes_ratio(
+        BenchRow(**rows["adaptive", 64]), BenchRow(**rows["plugin-k7", 64])
+    )
+    assert over_all is not None and round(over_all, 3) == 0.975
     split = {(s["mode"], s["k"]): s for s in data["step_split"]}
     assert {k: split["adaptive", k]["steps"] for k in (3, 7, 15)} == {
         3: 16,
@@ -1663,5 +1673,43 @@ def test_gemma_host_ratio_runs_read_as_documented() -> None:
     assert round(ratios[8]["adaptive_vs_best_fixed_paired"], 2) == 0.98
     assert round(ratios[1]["adaptive_vs_best_fixed"], 2) == 1.00
     assert round(ratios[1]["adaptive_vs_best_fixed_paired"], 2) == 0.97
+    over_all = {
+        batch: bench.all_passes_ratio(
+            BenchRow(**rows["adaptive", batch]), BenchRow(**rows["plugin-k15", batch])
+        )
+        for batch in (8, 1)
+    }
+    assert {b: round(r or 0, 3) for b, r in over_all.items()} == {8: 0.989, 1: 0.962}
     steps = rows["adaptive", 8]["adaptive"]["steps_per_batch_k"]
     assert (steps["b8/K15"], steps["b8/K3"], steps["b1/K15"]) == (204, 4, 15)
+
+
+def _decode(row: dict[str, Any]) -> tuple[float, int]:
+    """A row's logged decode steps over all its passes: (seconds, steps)."""
+    logs = [entry for clock in row["pass_clock"] for entry in clock["log"]]
+    return sum(entry[3] for entry in logs) / 1000, len(logs)
+
+
+def test_step_logged_runs_read_over_all_passes_as_documented() -> None:
+    """docs/adaptive-measurements.md, eighteenth session: the current policy
+    over all passes and in its decode steps, and the twelfth session's
+    batch-8 controls, whose engines parted outside their decode steps."""
+    _, rows = _gemma_run("host-ratio-b8-b1")
+    adaptive, fixed = rows["adaptive", 8], rows["plugin-k15", 8]
+    (a_s, a_n), (f_s, f_n) = _decode(adaptive), _decode(fixed)
+    assert (a_n, f_n) == (258, 256)
+    assert round(1000 * a_s / a_n, 2) == 7.77 and round(1000 * f_s / f_n, 2) == 7.70
+    assert round(f_s / a_s, 3) == 0.984
+
+    _, rows = _gemma_run("control-two-k15-engines-b8")
+    (p_s, p_n), (k_s, k_n) = _decode(rows["plugin", 8]), _decode(rows["plugin-k15", 8])
+    assert (p_n, k_n) == (775, 773)
+    assert round(1000 * p_s / p_n, 2) == 7.58 and round(1000 * k_s / k_n, 2) == 7.69
+
+    _, rows = _gemma_run("control-dynamic-k15-b8")
+    dynamic, plugin = rows["dynamic-k15", 8], rows["plugin", 8]
+    (d_s, d_n), (p_s, p_n) = _decode(dynamic), _decode(plugin)
+    assert (d_n, p_n) == (774, 775)
+    assert round(d_s / p_s, 3) == 0.999
+    over_all = bench.all_passes_ratio(BenchRow(**dynamic), BenchRow(**plugin))
+    assert over_all is not None and round(over_all, 2) == 1.03
