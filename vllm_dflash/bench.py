@@ -1203,18 +1203,15 @@ def paired_error(a: BenchRow, b: BenchRow) -> float | None:
 
 
 def all_passes_ratio(a: BenchRow, b: BenchRow) -> float | None:
-    """``a``'s throughput over ``b``'s across every timed pass: all the
-    passes' tokens over all their seconds, which, every pass of a batch
-    generating the same tokens, is the harmonic mean of the passes' tok/s.
-    It is what a server would have served over the run, its slow passes
-    included, which the median pass leaves out: on the H200 (Gemma 4, batch
-    64, 2026-12-05) adaptive read 1.01x of fixed K 7 by medians and 0.975x
-    over all passes. None where a row has no passes recorded."""
-    if not a.pass_tok_per_s or not b.pass_tok_per_s:
+    """``a``'s throughput over ``b``'s across every timed pass (each row's
+    ``tokens`` over its ``seconds``): what a server would have served over
+    the run, its slow passes included, which the median pass leaves out. On
+    the H200 (Gemma 4, batch 64, 2026-12-05) adaptive read 1.01x of fixed K
+    7 by medians and 0.975x over all passes. None where a row timed
+    nothing."""
+    if min(a.tokens, b.tokens) <= 0 or min(a.seconds, b.seconds) <= 0:
         return None
-    return statistics.harmonic_mean(a.pass_tok_per_s) / statistics.harmonic_mean(
-        b.pass_tok_per_s
-    )
+    return (a.tokens / a.seconds) / (b.tokens / b.seconds)
 
 
 def _paired_logs(a: BenchRow, b: BenchRow) -> list[float] | None:

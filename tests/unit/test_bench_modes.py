@@ -393,8 +393,17 @@ def test_paired_ratio_needs_interleaved_passes() -> None:
     def row(
         rates: list[float], starts: list[float], mode: str = "m", tok_s: float = 0.0
     ) -> BenchRow:
+        # 1000 tokens a pass: the row's tokens and seconds are its passes'.
+        seconds = sum(1000 / r for r in rates)
         return BenchRow(
-            mode, 8, 10, 1.0, tok_s, None, pass_tok_per_s=rates, pass_start_s=starts
+            mode,
+            8,
+            1000 * len(rates),
+            seconds,
+            tok_s,
+            None,
+            pass_tok_per_s=rates,
+            pass_start_s=starts,
         )
 
     # Both engines' passes move together (the second pass is slow for both):
@@ -421,7 +430,7 @@ def test_paired_ratio_needs_interleaved_passes() -> None:
     # Over all passes: 2 passes' tokens over their seconds, slow pass included.
     over_all = (1 / 1000 + 1 / 500) / (1 / 900 + 1 / 550)
     assert summary[0]["adaptive_vs_best_fixed_all_passes"] == pytest.approx(over_all)
-    assert bench.all_passes_ratio(row([], []), fixed) is None
+    assert bench.all_passes_ratio(row([], []), fixed) is None  # nothing timed
     assert summary[0]["adaptive_vs_best_fixed_paired"] == pytest.approx(0.995, abs=1e-3)
     assert summary[0]["adaptive_vs_best_fixed_paired_error"] == pytest.approx(
         0.1003, abs=1e-4
