@@ -2,7 +2,8 @@
 and acceptance are known, beside every fixed K, and print (and save) the
 ratio to the best fixed K per scenario.
 
-The figures docs/adaptive-measurements.md quotes as "simulated" come from this script.
+The figures docs/adaptive-measurements.md quotes as "simulated" come from
+this script.
 A simulated step: the scheduler decides the next K before the step reports
 (as under async scheduling), the step verifies the previous decision's K,
 costs its table's time times the scenario's phase and a uniform noise, and

@@ -207,9 +207,10 @@ class StepClock:
     interval minus its wait is the host's part. On the H200 a Gemma 4
     batch-64 step read like host work at K 7 and like GPU work at K 15
     (docs/adaptive-measurements.md, fourteenth session); the wait tells them
-    apart step by step. None where no drafting was launched since the last output (a
-    worker in another process). A kept log adds the process's CPU time over
-    the interval in ms (``time.process_time``: every thread of the engine)."""
+    apart step by step. None where no drafting was launched since the last
+    output (a worker in another process). A kept log adds the process's CPU
+    time over the interval in ms (``time.process_time``: every thread of the
+    engine)."""
 
     steps: int = 0
     busy_s: float = 0.0
@@ -1060,9 +1061,9 @@ class AdaptiveDraftLength:
         launches no drafting) and every K of a bucket that has no K measured
         GPU-bound: there the split says nothing (a CPU engine runs its model
         in the host's own time, so every step reads host-bound) and the
-        estimate would be the host parts alone. So does an engine without async
-        scheduling, where a step is the sum of the two parts, and one on the
-        V1 runner, whose host also waits on the GPU before the drafter's
+        estimate would be the host parts alone. So does an engine without
+        async scheduling, where a step is the sum of the two parts, and one on
+        the V1 runner, whose host also waits on the GPU before the drafter's
         launch (``overlapped`` False for both)."""
         interval = self.cost.estimate(batch, k)
         bucket = batch_bucket(batch)
